@@ -1,0 +1,314 @@
+"""model.py against Hugging Face's own BLIP-2, BERT, OPT and T5 on tiny random weights, plus masks, losses,
+gradients and bad input."""
+
+import pytest
+import torch
+from transformers import BertForMaskedLM
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+import tiny
+from model import (Blip2Stage1, Blip2Stage2, FrozenLLM, FrozenViT, blip2_stage1_from_hf, blip2_stage2_from_hf,
+                   sample_negatives, split_captions)
+
+TOL = 1e-5
+CAPTIONS = ["a red square", "two blue stars", "the big circle", "a small green triangle"]
+
+
+def close(a, b, tol=TOL):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    err = (a - b).abs().max().item()
+    assert err <= tol, err
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return tiny.bert_dir(str(tmp_path_factory.mktemp("bert")))
+
+
+@pytest.fixture(scope="module", params=["opt", "t5"])
+def stage2_pair(request):
+    hf, tok = tiny.hf_blip2(request.param)
+    return hf, blip2_stage2_from_hf(hf, tokenizer=tok), tok
+
+
+def images(n=2, seed=0):
+    return torch.randn(n, 3, tiny.IMAGE, tiny.IMAGE, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- parity with Blip2ForConditionalGeneration
+
+def test_vision_and_qformer_match_hf(stage2_pair):
+    hf, ours, _ = stage2_pair
+    img = images()
+    feats = ours.ln_vision(ours.visual(img))
+    close(feats, hf.vision_model(img).last_hidden_state)  # B x 5 x 64
+    Z, _ = ours.qformer.encode_queries(feats)
+    close(Z, hf.get_image_features(img).qformer_outputs.last_hidden_state)  # B x 8 x 64
+
+
+def test_decoder_only_logits_loss_and_generation_match_hf():
+    hf, tok = tiny.hf_blip2("opt")
+    ours = blip2_stage2_from_hf(hf, tokenizer=tok)
+    img, caps, Q = images(), CAPTIONS[:2], hf.config.num_query_tokens
+    inputs = ours.llm_inputs(ours.soft_prompt(img), caps)
+    labels = inputs.pop("labels")
+    logits = ours.llm.model(**inputs).logits
+    # HF's input: [image token] * Q + BOS + caption + "\n", the image tokens replaced by the projected queries
+    t = tok([c + "\n" for c in caps], padding="longest", return_tensors="pt")
+    ids = torch.cat([torch.full((2, Q), hf.config.image_token_index), t.input_ids], 1)
+    mask = torch.cat([torch.ones(2, Q, dtype=torch.long), t.attention_mask], 1)
+    ref = hf(pixel_values=img, input_ids=ids, attention_mask=mask).logits
+    close(logits, ref)
+    assert (labels[:, :Q] == -100).all() and (labels[:, Q:][t.attention_mask == 0] == -100).all()
+    ref_loss = ForCausalLMLoss(ref.contiguous(), labels, ref.shape[-1])
+    close(ours(img, caps)["loss"], ref_loss)
+    for beams in (1, 3):
+        kw = dict(num_beams=beams, max_new_tokens=6, min_new_tokens=3)
+        got = ours.generate_tokens(ours.soft_prompt(img), **kw)
+        want = hf.generate(pixel_values=img, eos_token_id=ours.llm.eos_token_id, pad_token_id=tok.pad_token_id, **kw)
+        assert torch.equal(got, want[:, Q + 1:])  # HF also returns its input ids: Q image tokens + BOS
+        assert got.shape[1] >= 3
+        assert ours.generate(img, **kw) == [s.strip() for s in tok.batch_decode(got, skip_special_tokens=True)]
+
+
+def test_t5_loss_and_generation_match_hf():
+    hf, tok = tiny.hf_blip2("t5")
+    ours = blip2_stage2_from_hf(hf, tokenizer=tok, prompt="a photo of")
+    img, caps, Q = images(), CAPTIONS[:2], hf.config.num_query_tokens
+    p = tok(["a photo of"] * 2, return_tensors="pt")  # the encoder reads [queries; prompt </s>]
+    ids = torch.cat([torch.full((2, Q), hf.config.image_token_index), p.input_ids], 1)
+    mask = torch.cat([torch.ones(2, Q, dtype=torch.long), p.attention_mask], 1)
+    y = tok(caps, padding="longest", return_tensors="pt")
+    labels = y.input_ids.masked_fill(y.attention_mask == 0, -100)
+    ref = hf(pixel_values=img, input_ids=ids, attention_mask=mask, labels=labels)
+    inputs = ours.llm_inputs(ours.soft_prompt(img), caps)
+    real = y.attention_mask.bool()  # we also mask the decoder's padding, so only real positions compare
+    close(ours.llm.model(**inputs).logits[real], ref.logits[real])
+    close(ours(img, caps)["loss"], ref.loss)
+    for beams in (1, 3):
+        kw = dict(num_beams=beams, max_new_tokens=6, min_new_tokens=3)
+        got = ours.generate_tokens(ours.soft_prompt(img), **kw)
+        want = hf.generate(pixel_values=img, input_ids=ids, attention_mask=mask, **kw)
+        assert torch.equal(got, want)
+
+
+def test_load_from_saved_directory(tmp_path):
+    hf, tok = tiny.hf_blip2("opt", seed=3)
+    hf.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    ours = blip2_stage2_from_hf(str(tmp_path))
+    img = images()
+    close(ours.soft_prompt(img), hf.get_image_features(img).pooler_output)
+
+
+# ---------------------------------------------------------------- parity with Blip2ForImageTextRetrieval and BERT
+
+def test_itc_and_itm_match_hf_retrieval(bert):
+    tok = tiny.bert_tokenizer(bert)
+    hf = tiny.hf_blip2_retrieval(tok)
+    ours = blip2_stage1_from_hf(hf, tokenizer=bert)
+    img = images(2)
+    t = tok(CAPTIONS[:3], padding="max_length", max_length=16, return_tensors="pt")
+    itc = hf(pixel_values=img, input_ids=t.input_ids, attention_mask=t.attention_mask).logits_per_image  # 2 x 3
+    embeds = ours.image_embeds(img)
+    img_feats, _ = ours.image_feats(embeds)
+    close(ours.similarity(img_feats, ours.text_feats(t.input_ids, t.attention_mask)), itc)
+    t2 = tok(CAPTIONS[:2], padding="max_length", max_length=16, return_tensors="pt")
+    itm = hf(pixel_values=img, input_ids=t2.input_ids, attention_mask=t2.attention_mask,
+             use_image_text_matching_head=True).logits_per_image  # 2 x 2: (image i, text i)
+    close(ours.itm_logits(embeds, t2.input_ids, t2.attention_mask), itm)
+
+
+def test_bert_init_reproduces_bert(bert):
+    ours = Blip2Stage1(tiny.our_config(bert))
+    ref = BertForMaskedLM.from_pretrained(bert).eval()
+    t = ours.tokenizer(CAPTIONS, padding="longest", return_tensors="pt")
+    out = ref(t.input_ids, attention_mask=t.attention_mask, output_hidden_states=True)
+    h = ours.qformer.encode_text(t.input_ids, t.attention_mask)
+    real = t.attention_mask.bool()
+    close(h[real], out.hidden_states[-1][real])
+    V = ref.config.vocab_size
+    close(ours.itg_head(h, ours.qformer.word_embeddings.weight)[..., :V][real], out.logits[real], 1e-4)
+    # the query FFN starts as a copy of BERT's FFN, cross-attention is new
+    layer = ours.qformer.layers[0]
+    assert torch.equal(layer.ffn_query.fc1.weight, layer.ffn_text.fc1.weight)
+    assert torch.equal(layer.ffn_text.fc1.weight, ref.bert.encoder.layer[0].intermediate.dense.weight)
+    assert ours.tokenizer.convert_tokens_to_ids("[DEC]") == ours.dec_token_id == V
+
+
+# ---------------------------------------------------------------- masks
+
+@pytest.fixture(scope="module")
+def stage1(bert):
+    torch.manual_seed(0)
+    return Blip2Stage1(tiny.our_config(bert)).eval()
+
+
+def test_itg_is_causal_and_queries_never_see_text(stage1):
+    q = stage1.qformer
+    embeds = stage1.image_embeds(images(2))
+    ids, mask = stage1.tokenize(["a red square left of a blue star", "two big circles"], "cpu")
+    ids2 = ids.clone()
+    ids2[:, 4:] = ids2[:, 4:].flip(1)  # change every text token from position 4 on
+    Z, kvs = q.encode_queries(embeds)
+    h1, h2 = q.decode_text(ids, mask, kvs), q.decode_text(ids2, mask, kvs)
+    close(h1[:, :4], h2[:, :4], 0)  # earlier tokens do not see later ones
+    assert (h1[:, 4:] - h2[:, 4:]).abs().amax() > 1e-3
+    # the cached path equals one joint pass over [queries; text] under the multimodal-causal mask, in which
+    # the query outputs are the ITC query outputs whatever the text
+    Qn, T = Z.shape[1], ids.shape[1]
+    allowed = torch.ones(Qn + T, Qn + T, dtype=torch.bool).tril()
+    allowed[:, :Qn] = True
+    allowed[:Qn, Qn:] = False
+    keys = torch.cat([torch.ones(2, Qn, dtype=torch.bool), mask.bool()], 1)
+    for text in (ids, ids2):
+        joint, _ = q._run(q.embed(text, with_queries=True), Qn, allowed & keys[:, None, None, :], embeds)
+        close(joint[:, :Qn], Z)
+    close(joint[:, Qn:], h2)
+
+
+def test_itc_query_pass_never_sees_text(stage1):
+    seen = []
+    hook = stage1.vision_proj.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().clone()))
+    img = images(4)
+    stage1(img, CAPTIONS)
+    stage1(img, CAPTIONS[::-1])
+    hook.remove()
+    assert len(seen) == 2
+    close(seen[0], seen[1], 0)
+
+
+def test_text_padding_is_hidden(stage1):
+    ids, mask = stage1.tokenize(["a red square"], "cpu")
+    h = stage1.qformer.encode_text(ids, mask)
+    ids2 = ids.clone()
+    ids2[mask == 0] = 7  # garbage under the padding
+    h2 = stage1.qformer.encode_text(ids2, mask)
+    close(h[mask.bool()], h2[mask.bool()])
+
+
+def test_negative_sampling_follows_softmax_and_skips_positives():
+    sim = torch.tensor([[0.0, 2.0, 1.0, -1.0]]).repeat(20000, 1)
+    own = torch.zeros(20000, dtype=torch.long)
+    noise = torch.empty(20000, 4).exponential_(generator=torch.Generator().manual_seed(0))
+    picks = sample_negatives(sim, own, noise)
+    freq = torch.bincount(picks, minlength=4).float() / len(picks)
+    want = torch.softmax(torch.tensor([-1e4, 2.0, 1.0, -1.0]), 0)
+    assert freq[0] == 0
+    close(freq, want, 0.02)
+
+
+# ---------------------------------------------------------------- losses, gradients, frozen parts
+
+def trainable_and_frozen(model):
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return names, frozen
+
+
+def check_gradients(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    trainable, frozen = trainable_and_frozen(model)
+    assert trainable and frozen
+    assert all(n.startswith(("visual.", "llm.")) for n in frozen)
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, no_grad
+    assert all(p.grad is None for n, p in model.named_parameters() if n in frozen)
+
+
+def test_stage1_losses_gradients_and_overfit(bert):
+    torch.manual_seed(0)
+    model = Blip2Stage1(tiny.our_config(bert)).train()
+    img = images(4)
+    out = model(img, CAPTIONS)
+    assert set(out) == {"loss", "itc", "itm", "itg"}
+    assert all(torch.isfinite(v) for v in out.values())
+    for name in ("itc", "itm", "itg"):  # each loss reaches the Q-Former
+        model.zero_grad(set_to_none=True)
+        model(img, CAPTIONS)[name].backward()
+        assert model.qformer.layers[0].self_attn.query.weight.grad.abs().sum() > 0, name
+    check_gradients(model, model(img, CAPTIONS)["loss"])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    first = {k: v.item() for k, v in model(img, CAPTIONS).items()}
+    for _ in range(40):
+        opt.zero_grad()
+        model(img, CAPTIONS)["loss"].backward()
+        opt.step()
+    last = {k: v.item() for k, v in model(img, CAPTIONS).items()}
+    assert last["loss"] < 0.6 * first["loss"], (first, last)
+    assert last["itg"] < 0.5 * first["itg"] and last["itc"] < first["itc"], (first, last)
+
+
+@pytest.mark.parametrize("text,factor", [("opt", 0.5), ("t5", 0.7)])  # a random T5 listens less to its encoder
+def test_stage2_loss_gradients_and_overfit(text, factor):
+    hf, tok = tiny.hf_blip2(text)
+    model = blip2_stage2_from_hf(hf, tokenizer=tok).train()
+    img, caps = images(2), CAPTIONS[:2]
+    check_gradients(model, model(img, caps)["loss"])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    first = model(img, caps)["loss"].item()
+    for _ in range(40):
+        opt.zero_grad()
+        model(img, caps)["loss"].backward()
+        opt.step()
+    assert model(img, caps)["loss"].item() < factor * first
+
+
+def test_frozen_parts_stay_frozen_and_in_eval_mode(stage2_pair, stage1):
+    _, model, _ = stage2_pair
+    for m in (model, stage1):
+        m.train()
+        assert m.qformer.training and m.ln_vision.training
+        assert not any(x.training for x in m.visual.modules())
+        assert not any(p.requires_grad for p in m.visual.parameters())
+    assert not any(x.training for x in model.llm.modules())
+    assert not any(p.requires_grad for p in model.llm.parameters())
+    # the frozen LLM and ViT are unchanged by a training step
+    before = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(images(2), CAPTIONS[:2])["loss"].backward()
+    opt.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+    stage1.eval()
+
+
+def test_split_captions_never_crashes_and_never_empties_the_target():
+    torch.manual_seed(0)
+    prefixes, targets = split_captions(["dog", "a red square", ""] * 20, random_split=True)
+    assert all(t for t, c in zip(targets, ["dog", "a red square", ""] * 20) if c)
+    assert {p for p, t in zip(prefixes, targets) if t == "dog"} == {""}
+    assert set(prefixes[1::3]) == {"", "a", "a red"}
+    assert split_captions(["a b"], prompt="p") == (["p"], ["a b"])
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_unknown_encoder_and_llm_names(bert):
+    with pytest.raises(ValueError, match="unknown image encoder 'not_a_vit'"):
+        FrozenViT(tiny.our_config(bert, vit_model="not_a_vit"))
+    with pytest.raises(ValueError, match="cannot load LLM 'no-such-org/no-such-llm'"):
+        FrozenLLM.from_pretrained("no-such-org/no-such-llm")
+    with pytest.raises(ValueError, match="vit_layers=5 but"):
+        FrozenViT(tiny.our_config(bert, vit_layers=5))
+
+
+def test_wrong_image_size(stage1):
+    with pytest.raises(ValueError, match=r"expected images of shape B x 3 x 28 x 28, got \(2, 3, 32, 32\)"):
+        stage1(torch.randn(2, 3, 32, 32), CAPTIONS[:2])
+
+
+def test_checkpoint_that_does_not_fit(bert):
+    tok = tiny.bert_tokenizer(bert)
+    hf = tiny.hf_blip2_retrieval(tok)
+    hf.qformer.encoder.layer[0].attention.attention.query.weight = torch.nn.Parameter(torch.zeros(3, 3))
+    with pytest.raises(ValueError, match=r"shape mismatch: qformer\.layers\.0\.self_attn\.query\.weight \(3, 3\)"):
+        blip2_stage1_from_hf(hf, tokenizer=bert)
+    hf = tiny.hf_blip2_retrieval(tok)
+    del hf.itm_head
+    with pytest.raises(ValueError, match=r"lacks weights for: itm_head\.bias, itm_head\.weight"):
+        blip2_stage1_from_hf(hf, tokenizer=bert)
+    hf = tiny.hf_blip2_retrieval(tok)
+    hf.register_parameter("extra_head", torch.nn.Parameter(torch.zeros(1)))
+    with pytest.raises(ValueError, match=r"checkpoint keys with no place in this model: extra_head"):
+        blip2_stage1_from_hf(hf, tokenizer=bert)
