@@ -1,0 +1,392 @@
+"""Tests for data.py on tiny files generated in tmp_path (CPU only)."""
+
+import io
+import json
+import random
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, DistributedSampler
+from torchvision import transforms
+
+from data import (
+    CLIP_MEAN, CLIP_STD, ImageTextDataset, ResumableDistributedSampler, TarShardDataset, TextDataset,
+    build_loader, clean_caption, collate_image_text, collate_text, eval_transform, load_annotations,
+    seed_worker, train_transform,
+)
+
+
+def save_image(path, color, size=(20, 14), fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path, format=fmt)
+
+
+def image_bytes(color, fmt="JPEG"):
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 14), color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_tar(path, members):
+    """members: list of (name, bytes), written in order; a name ending in / is a directory."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if name.endswith("/"):
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def mean_rgb(t):
+    """Undo the CLIP normalisation and return the mean colour in 0..255."""
+    t = t * torch.tensor(CLIP_STD)[:, None, None] + torch.tensor(CLIP_MEAN)[:, None, None]
+    return (t.mean(dim=(1, 2)) * 255).tolist()
+
+# -----------------------------------------------------------------------------
+# captions and transforms
+
+
+def test_clean_caption():
+    assert clean_caption('A Dog. Running!  "Fast" (very)*#:;~ now\n') == "a dog running fast very now"
+    assert clean_caption("  Hello,\tWORLD's   cat-toy ?\n\n") == "hello, world's cat-toy ?"
+    assert clean_caption("...!!!") == ""
+    long = " ".join(f"w{i}" for i in range(60))
+    assert clean_caption(long).split() == [f"w{i}" for i in range(50)]
+    assert clean_caption(long, max_words=3) == "w0 w1 w2"
+
+
+def test_transforms():
+    assert CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073)
+    assert CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
+    for build in (train_transform, eval_transform):
+        for mode in ("RGB", "L", "RGBA", "P"):
+            img = Image.new(mode, (40, 30))
+            assert build(32)(img).shape == (3, 32, 32)
+        norm = [t for t in build().transforms if isinstance(t, transforms.Normalize)][0]
+        assert tuple(norm.mean) == CLIP_MEAN and tuple(norm.std) == CLIP_STD
+    crop = train_transform(224).transforms[1]
+    assert isinstance(crop, transforms.RandomResizedCrop)
+    assert crop.size == (224, 224) and crop.scale == (0.5, 1.0)
+    assert crop.interpolation == transforms.InterpolationMode.BICUBIC
+    resize = eval_transform(224).transforms[1]
+    assert resize.size == (224, 224) and resize.interpolation == transforms.InterpolationMode.BICUBIC
+    # a flat colour survives resize + normalisation exactly
+    out = eval_transform(16)(Image.new("RGB", (40, 30), (200, 100, 50)))
+    expected = [(c / 255 - m) / s for c, m, s in zip((200, 100, 50), CLIP_MEAN, CLIP_STD)]
+    assert torch.allclose(out, torch.tensor(expected)[:, None, None].expand(3, 16, 16), atol=1e-5)
+
+# -----------------------------------------------------------------------------
+# annotation files and map-style datasets
+
+
+def test_annotations_and_concatenated_datasets(tmp_path):
+    save_image(tmp_path / "root1" / "a.jpg", (255, 0, 0))
+    save_image(tmp_path / "root2" / "sub" / "b.png", (0, 0, 255))
+    ann1 = tmp_path / "ann1.json"
+    ann1.write_text(json.dumps([{"image": "a.jpg", "caption": ["A Red one.", "Second: caption!"], "image_id": 1}]))
+    ann2 = tmp_path / "ann2.jsonl"
+    ann2.write_text(json.dumps({"image": "sub/b.png", "caption": "Blue (image)"}) + "\n\n")
+
+    assert load_annotations(ann1)[0]["caption"] == ["A Red one.", "Second: caption!"]
+    assert load_annotations(ann2) == [{"image": "sub/b.png", "caption": "Blue (image)"}]
+
+    ds = ImageTextDataset([ann1, ann2], [tmp_path / "root1", tmp_path / "root2"], eval_transform(16))
+    assert len(ds) == 3
+    items = [ds[i] for i in range(3)]
+    assert [t for _, t in items] == ["a red one", "second caption", "blue image"]
+    assert all(img.shape == (3, 16, 16) for img, _ in items)
+    r, g, b = mean_rgb(items[0][0])
+    assert r > 200 and b < 50  # from root1
+    r, g, b = mean_rgb(items[2][0])
+    assert b > 200 and r < 50  # from root2
+
+    single = ImageTextDataset(str(ann2), str(tmp_path / "root2"), eval_transform(16))
+    assert len(single) == 1
+    with pytest.raises(ValueError, match="2 annotation files but 1 image roots"):
+        ImageTextDataset([ann1, ann2], [tmp_path / "root1"], eval_transform(16))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        ImageTextDataset(ann1, tmp_path / "nowhere", eval_transform(16))
+
+
+@pytest.mark.parametrize("name, content, where", [
+    ("bad.json", '[{"image": "a.jpg", "caption": "x"},', "not valid JSON"),
+    ("dict.json", '{"image": "a.jpg", "caption": "x"}', "expected a JSON list"),
+    ("nocap.json", '[{"image": "a.jpg", "caption": "x"}, {"image": "b.jpg"}]', "entry 1"),
+    ("noimage.json", '[{"image": "a.jpg", "caption": "x"}, {"caption": "y"}]', "entry 1"),
+    ("empty.json", '[{"image": "a.jpg", "caption": "x"}, {"image": "b.jpg", "caption": []}]', "entry 1"),
+    ("number.json", '[{"image": "a.jpg", "caption": 3}]', "entry 0"),
+    ("listnum.json", '[{"image": "a.jpg", "caption": ["ok", null]}]', "entry 0"),
+    ("bad.jsonl", '{"image": "a.jpg", "caption": "x"}\n{"image": "b.jpg", "caption": \n', "line 2"),
+    ("nocap.jsonl", '{"image": "a.jpg", "caption": "x"}\n\n{"image": "b.jpg"}\n', "line 3"),
+])
+def test_malformed_annotations(tmp_path, name, content, where):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError) as e:
+        load_annotations(path)
+    assert str(path) in str(e.value) and where in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_annotation_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_annotations(tmp_path / "missing.json")
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    root = tmp_path / "img"
+    save_image(root / "ok.jpg", (0, 255, 0))
+    (root / "corrupt.jpg").write_bytes(b"this is not a jpeg")
+    (root / "truncated.jpg").write_bytes(image_bytes((1, 2, 3))[:100])
+    ann = tmp_path / "ann.json"
+    names = ["ok.jpg", "missing.jpg", "corrupt.jpg", "truncated.jpg"]
+    ann.write_text(json.dumps([{"image": n, "caption": n} for n in names]))
+
+    ds = ImageTextDataset(ann, root, eval_transform(16))
+    assert ds[0][1] == "ok jpg"
+    for i in (1, 2, 3):
+        with pytest.warns(UserWarning, match=names[i]):
+            assert ds[i] is None
+
+    with pytest.warns(UserWarning):
+        loader, sampler = build_loader(ds, batch_size=4, num_workers=0, collate_fn=collate_image_text,
+                                       shuffle=False, drop_last=False)
+        batches = list(loader)
+    assert len(batches) == 1 and isinstance(sampler, ResumableDistributedSampler)
+    assert batches[0]["image"].shape == (1, 3, 16, 16)
+    assert batches[0]["text"] == ["ok jpg"] and batches[0]["skipped"] == 3
+
+    with pytest.warns(UserWarning):
+        empty = collate_image_text([ds[1], ds[2]])
+    assert empty["image"].shape[0] == 0 and empty["text"] == [] and empty["skipped"] == 2
+
+    strict = ImageTextDataset(ann, root, eval_transform(16), strict=True)
+    for i in (1, 2, 3):
+        with pytest.raises(RuntimeError, match=names[i]):
+            strict[i]
+
+
+def test_text_dataset(tmp_path):
+    txt = tmp_path / "sentences.txt"
+    txt.write_text("First Sentence.\n\n   \nsecond (one)\n")
+    ann = tmp_path / "caps.json"
+    ann.write_text(json.dumps([{"image": "a.jpg", "caption": ["Cap A", "Cap B"]}, {"caption": "No image!"}]))
+    ds = TextDataset([txt, ann])
+    assert [ds[i] for i in range(len(ds))] == ["first sentence", "second one", "cap a", "cap b", "no image"]
+    assert collate_text([ds[0], None, ds[1]]) == {"text": ["first sentence", "second one"], "skipped": 1}
+    with pytest.raises(ValueError, match="unknown text file type"):
+        TextDataset(tmp_path / "x.csv")
+
+# -----------------------------------------------------------------------------
+# tar shards
+
+
+def make_shards(tmp_path, n_shards=4, per_shard=3):
+    """Shards with jpg+txt and png+json samples, a caption-less image, an image-less caption and a directory
+    entry. Returns the brace pattern and the captions an image-text reader must see."""
+    expected = []
+    for s in range(n_shards):
+        members = [("0000/", b"")]
+        for i in range(per_shard):
+            key = f"0000/{s:02d}{i:03d}"
+            caption = f"Shard {s} sample {i}."
+            if i % 2 == 0:
+                members += [(f"{key}.jpg", image_bytes((10 * i, 0, 0))), (f"{key}.txt", caption.encode())]
+            else:
+                members += [(f"{key}.json", json.dumps({"caption": caption, "url": "x"}).encode()),
+                            (f"{key}.png", image_bytes((0, 10 * i, 0), "PNG"))]
+            expected.append(clean_caption(caption))
+        members += [(f"0000/{s:02d}900.jpg", image_bytes((0, 0, 0)))]  # no caption
+        members += [(f"0000/{s:02d}901.txt", b"text only")]  # no image
+        write_tar(tmp_path / f"shard-{s:05d}.tar", members)
+    return str(tmp_path / f"shard-{{00000..{n_shards - 1:05d}}}.tar"), expected
+
+
+def test_tar_shards_read_every_sample_once(tmp_path):
+    pattern, expected = make_shards(tmp_path)
+    ds = TarShardDataset(pattern, eval_transform(16), shuffle_buffer=4)
+    assert len(ds.shards) == 4 and ds.shards[0].endswith("shard-00000.tar")
+    items = list(ds)
+    assert Counter(t for _, t in items) == Counter(expected)
+    assert all(img.shape == (3, 16, 16) for img, _ in items)
+    # a glob pattern and an explicit list name the same shards
+    assert TarShardDataset(str(tmp_path / "*.tar"), None).shards == ds.shards
+    assert TarShardDataset(ds.shards, None).shards == ds.shards
+
+    # transform=None: captions only, image-less samples included
+    texts = list(TarShardDataset(pattern, None, shuffle_buffer=4))
+    assert all(isinstance(t, str) for t in texts)
+    assert Counter(texts) == Counter(expected + ["text only"] * 4)
+
+
+def test_tar_shards_split_across_ranks_and_workers(tmp_path):
+    pattern, expected = make_shards(tmp_path)
+    seen = []
+    for rank in range(2):
+        ds = TarShardDataset(pattern, eval_transform(16), rank=rank, world_size=2, shuffle_buffer=2)
+        ds.set_epoch(3)
+        loader, sampler = build_loader(ds, batch_size=2, num_workers=2, collate_fn=collate_image_text,
+                                       drop_last=False)
+        assert sampler is None
+        seen += [t for batch in loader for t in batch["text"]]
+    assert Counter(seen) == Counter(expected)  # every sample exactly once over 2 ranks x 2 workers
+
+    with pytest.raises(ValueError, match="4 shards cannot feed 8 ranks"):
+        list(TarShardDataset(pattern, None, rank=0, world_size=8))
+
+
+def test_tar_shards_epoch_order_and_skip(tmp_path):
+    pattern, _ = make_shards(tmp_path)
+    ds = TarShardDataset(pattern, None, shuffle_buffer=3, seed=7)
+    ds.set_epoch(1)
+    epoch1 = list(ds)
+    assert list(ds) == epoch1  # deterministic
+    ds.set_epoch(2)
+    epoch2 = list(ds)
+    assert epoch2 != epoch1 and sorted(epoch2) == sorted(epoch1)
+
+    ds.set_epoch(1)
+    ds.skip(5)
+    assert list(ds) == epoch1[5:]
+    ds.set_epoch(2)
+    assert list(ds) == epoch2  # the skip belonged to epoch 1
+
+
+def test_tar_shards_shuffle_buffer(tmp_path):
+    shard = tmp_path / "one.tar"
+    captions = [f"sample {i}" for i in range(12)]
+    write_tar(shard, [(f"{i:03d}.txt", c.encode()) for i, c in enumerate(captions)])
+    assert list(TarShardDataset([shard], None, shuffle_buffer=0)) == captions  # tar order
+    shuffled = list(TarShardDataset([shard], None, shuffle_buffer=4))
+    assert shuffled != captions and sorted(shuffled) == sorted(captions)
+
+
+def test_tar_shards_set_epoch_reaches_persistent_workers(tmp_path):
+    pattern, _ = make_shards(tmp_path)
+
+    def epoch(loader):
+        return [t for batch in loader for t in batch["text"]]
+
+    def fresh_loader(ds):
+        return build_loader(ds, batch_size=2, num_workers=2, collate_fn=collate_text, drop_last=False)[0]
+
+    ds = TarShardDataset(pattern, None, shuffle_buffer=3)
+    loader = fresh_loader(ds)
+    epoch0 = epoch(loader)
+    ds.set_epoch(1)
+    epoch1 = epoch(loader)  # the same persistent workers
+    ds.skip(2)
+    epoch1_resumed = epoch(loader)
+
+    reference = TarShardDataset(pattern, None, shuffle_buffer=3)
+    reference.set_epoch(1)
+    expected = epoch(fresh_loader(reference))
+    assert epoch1 == expected and epoch1 != epoch0
+    # each worker drops its first 2 samples, i.e. its first batch; batches alternate between the 2 workers
+    assert epoch1_resumed == expected[4:]
+
+
+def test_tar_shards_bad_samples(tmp_path):
+    good = tmp_path / "good.tar"
+    write_tar(good, [("a.jpg", image_bytes((5, 5, 5))), ("a.txt", b"fine"),
+                     ("b.jpg", b"garbage"), ("b.txt", b"broken image"),
+                     ("c.jpg", image_bytes((5, 5, 5))), ("c.json", b"{not json")])
+    cut = tmp_path / "cut.tar"
+    write_tar(cut, [("d.jpg", image_bytes((5, 5, 5))), ("d.txt", b"first"),
+                    ("e.jpg", image_bytes((9, 9, 9)) * 20), ("e.txt", b"lost")])
+    cut.write_bytes(cut.read_bytes()[:cut.stat().st_size // 2])  # ends inside e.jpg
+
+    ds = TarShardDataset([good], eval_transform(16), shuffle_buffer=0)
+    with pytest.warns(UserWarning) as record:
+        items = list(ds)
+    assert [x if x is None else x[1] for x in items] == ["fine", None, None]
+    messages = " ".join(str(w.message) for w in record)
+    assert "good.tar:b" in messages and "good.tar:c" in messages
+    batch = collate_image_text(items)
+    assert batch["image"].shape == (1, 3, 16, 16) and batch["skipped"] == 2
+    with pytest.raises(RuntimeError, match="good.tar:b"):
+        list(TarShardDataset([good], eval_transform(16), strict=True, shuffle_buffer=0))
+
+    with pytest.warns(UserWarning, match="cut.tar"):
+        items = list(TarShardDataset([cut], eval_transform(16), shuffle_buffer=0))
+    assert [t for _, t in items] == ["first"]
+    with pytest.raises(RuntimeError, match="cut.tar"):
+        list(TarShardDataset([cut], eval_transform(16), strict=True))
+    with pytest.raises(FileNotFoundError, match="nope.tar"):
+        TarShardDataset([good, tmp_path / "nope.tar"], None)
+
+# -----------------------------------------------------------------------------
+# sampler and loader
+
+
+def test_sampler_partitions_and_matches_torch():
+    data = list(range(11))
+    for drop_last in (True, False):
+        parts = [list(ResumableDistributedSampler(data, num_replicas=2, rank=r, seed=3, drop_last=drop_last))
+                 for r in range(2)]
+        torch_parts = [list(DistributedSampler(data, num_replicas=2, rank=r, seed=3, drop_last=drop_last))
+                       for r in range(2)]
+        assert parts == torch_parts
+        if drop_last:
+            assert len(parts[0]) == len(parts[1]) == 5 and len(set(parts[0]) | set(parts[1])) == 10
+        else:
+            assert len(parts[0]) == len(parts[1]) == 6 and set(parts[0]) | set(parts[1]) == set(data)
+    single = list(ResumableDistributedSampler(data, shuffle=False))
+    assert single == data
+
+
+def test_sampler_epochs_and_resume():
+    data = list(range(20))
+    s = ResumableDistributedSampler(data, num_replicas=2, rank=1, seed=0)
+    s.set_epoch(1)
+    epoch1 = list(s)
+    again = ResumableDistributedSampler(data, num_replicas=2, rank=1, seed=0)
+    again.set_epoch(1)
+    assert list(again) == epoch1
+    s.set_epoch(2)
+    assert list(s) != epoch1
+
+    s.set_epoch(1)
+    s.set_start(7)
+    assert len(s) == 3
+    assert list(s) == epoch1[7:]
+    assert len(s) == 10 and list(s) == epoch1  # the start applied to one epoch only
+    with pytest.raises(ValueError, match="outside"):
+        s.set_start(11)
+
+
+class RandomNumbers(Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return float(np.random.rand())
+
+
+def test_build_loader_seeds_workers():
+    def draw(seed):
+        loader, _ = build_loader(RandomNumbers(), batch_size=2, num_workers=2, collate_fn=list, seed=seed)
+        return [x for batch in loader for x in batch]
+
+    a, b, c = draw(0), draw(0), draw(1)
+    assert a == b and a != c
+    assert len(set(a)) == len(a)  # the two workers do not repeat each other
+
+
+def test_seed_worker():
+    torch.manual_seed(5)
+    seed_worker(0)
+    first = (np.random.rand(), random.random())
+    torch.manual_seed(5)
+    seed_worker(0)
+    assert (np.random.rand(), random.random()) == first
+    torch.manual_seed(6)
+    seed_worker(0)
+    assert (np.random.rand(), random.random()) != first
