@@ -4,6 +4,7 @@ files or webdataset tar shards), text-only datasets for P-Former stage 0, collat
 resumable distributed sampler.
 """
 
+import bisect
 import glob
 import io
 import json
@@ -73,11 +74,15 @@ def _decode_image(source):
 
 
 def _unreadable(name, err, strict):
-    """The skip/strict rule for a bad image or shard: raise, or warn in one line (the caller yields None)."""
+    """The skip/strict rule for a bad image or shard: raise, or warn in one line (the caller then moves on to
+    the next sample and counts the skip)."""
     msg = f"cannot read {name}: {type(err).__name__}: {' '.join(str(err).split())}"
     if strict:
         raise RuntimeError(msg) from err
     warnings.warn("skipping: " + msg)
+
+
+MAX_CONSECUTIVE_UNREADABLE = 100
 
 # -----------------------------------------------------------------------------
 # annotation files
@@ -166,15 +171,20 @@ class _StringArray:
 
 class ImageTextDataset(Dataset):
     """Image-caption pairs from one or more annotation files, each with its own image root. An entry with a
-    list of captions gives one sample per caption. Items are (image tensor, cleaned caption), or None for an
-    unreadable image when strict=False (a warning names the file; the collate function drops and counts it)."""
+    list of captions gives one sample per caption. Items are (image tensor, cleaned caption, skipped).
+
+    An unreadable (missing, corrupt, truncated) image never shrinks a batch, because ITC/ITM gather features
+    across DDP ranks and need equal batch sizes: with strict=False, sample i is replaced by the next readable
+    one (i+1, i+2, ... wrapping around), skipped counts the unreadable samples passed over (0 normally), and
+    one warning per file names it. MAX_CONSECUTIVE_UNREADABLE bad samples in a row raise (a wrong image root
+    looks like this). strict=True raises on the first unreadable image, naming it."""
 
     def __init__(self, ann_paths, image_roots, transform, max_words=50, strict=False):
         ann_paths, image_roots = _as_list(ann_paths), _as_list(image_roots)
         if len(ann_paths) != len(image_roots):
             raise ValueError(f"got {len(ann_paths)} annotation files but {len(image_roots)} image roots; "
                              "give one image root per annotation file")
-        images, captions = [], []
+        images, captions, self._root_ends = [], [], []
         for ann_path, root in zip(ann_paths, image_roots):
             if not os.path.isdir(root):
                 raise FileNotFoundError(f"image root not found: {root} (for {ann_path})")
@@ -182,26 +192,45 @@ class ImageTextDataset(Dataset):
                 for caption in _captions(ann):
                     images.append(os.path.join(root, ann["image"]))
                     captions.append(caption)
+            self._root_ends.append(len(captions))  # samples [previous end, this end) use this root
         self.images, self.captions = _StringArray(images), _StringArray(captions)
+        self.image_roots = image_roots
         self.transform, self.max_words, self.strict = transform, max_words, strict
+        # paths found unreadable, per process (each DataLoader worker has its own): warned about once, then
+        # passed over without another decode attempt. Small: only bad files are kept.
+        self._bad = set()
 
     def __len__(self):
         return len(self.captions)
 
+    def _root_of(self, i):
+        return self.image_roots[bisect.bisect_right(self._root_ends, i)]
+
     def __getitem__(self, i):
-        path = self.images[i]
-        try:
-            image = _decode_image(path)
-        except Exception as e:  # PIL signals broken files with many exception types
-            _unreadable(f"image {path}", e, self.strict)
-            return None
-        return self.transform(image), clean_caption(self.captions[i], self.max_words)
+        n = len(self)
+        i = range(n)[i]  # negative indices as for a list; IndexError outside
+        tries = min(MAX_CONSECUTIVE_UNREADABLE, n)
+        for skipped in range(tries):
+            j = (i + skipped) % n
+            path = self.images[j]
+            if path in self._bad:
+                continue
+            try:
+                image = _decode_image(path)
+            except Exception as e:  # PIL signals broken files with many exception types
+                _unreadable(f"image {path}", e, self.strict)
+                self._bad.add(path)
+                continue
+            return self.transform(image), clean_caption(self.captions[j], self.max_words), skipped
+        raise RuntimeError(f"{tries} consecutive unreadable images from sample {i}, the first {self.images[i]}; "
+                           f"check the image root ({self._root_of(i)})")
 
 
 class TextDataset(Dataset):
     """Text-only samples for P-Former stage 0: .txt files (one sentence per line, blank lines ignored) and
     caption .json/.jsonl annotation files read without images (every caption is a sample; "image" keys are
-    optional). Items are cleaned strings."""
+    optional). Items are (cleaned string, 0): the same shape as TarShardDataset's text items, whose 0 counts
+    the samples skipped before it."""
 
     def __init__(self, paths, max_words=50):
         sentences = []
@@ -222,7 +251,7 @@ class TextDataset(Dataset):
         return len(self.sentences)
 
     def __getitem__(self, i):
-        return clean_caption(self.sentences[i], self.max_words)
+        return clean_caption(self.sentences[i], self.max_words), 0
 
 # -----------------------------------------------------------------------------
 # webdataset-style tar shards
@@ -310,9 +339,12 @@ def _shuffled(samples, buffer_size, rng):
 class TarShardDataset(IterableDataset):
     """Streams image-text samples from webdataset-style tar shards (the img2dataset layout: key.jpg / .jpeg /
     .png / .webp next to key.txt and/or key.json with a "caption"; .txt wins). Samples missing an image or a
-    caption are passed over silently. Items are (image tensor, cleaned caption), None for an undecodable
-    sample (strict=False; a warning names it), or, with transform=None, the cleaned caption alone without
-    reading images (text-only stage 0).
+    caption are passed over silently. Items are (image tensor, cleaned caption, skipped) or, with
+    transform=None, (cleaned caption, skipped) without reading images (text-only stage 0). An undecodable
+    sample is never yielded (batches keep their size, which DDP's feature gathering needs): with
+    strict=False a warning names it and skipped, on the next item yielded, counts the undecodable samples
+    passed over since the previous item (0 normally); strict=True raises. A corrupt shard warns (or raises)
+    and loses the rest of that shard, uncounted.
 
     Each epoch the shard list is shuffled with seed + epoch, split across DDP ranks, then across the
     DataLoader workers of each rank, so every shard is read by exactly one (rank, worker); a shuffle buffer
@@ -321,8 +353,9 @@ class TarShardDataset(IterableDataset):
 
     Resume: set_epoch(epoch), then skip(n) drops the first n samples of every (rank, worker) stream in that
     epoch; skipped samples are read but not decoded. The streams are deterministic, so this is exact when
-    n is the number of samples each stream had delivered; the usual estimate, steps * batch_size /
-    num_workers, is approximate because workers deliver batches round-robin only until the first runs dry.
+    n is the number of stream samples each stream had consumed (items delivered plus undecodable samples
+    passed over); the usual estimate, steps * batch_size / num_workers, is approximate because workers
+    deliver batches round-robin only until the first runs dry, and because undecodable samples are not in it.
     """
 
     def __init__(self, shards, transform, max_words=50, strict=False, shuffle_buffer=1000, seed=0,
@@ -379,7 +412,7 @@ class TarShardDataset(IterableDataset):
                 if not isinstance(caption, str):
                     raise ValueError(f"no string \"caption\" in {name}.json")
             if self.transform is None:
-                return clean_caption(caption, self.max_words)
+                return (clean_caption(caption, self.max_words),)
             ext = next(e for e in IMAGE_EXTENSIONS if e in files)
             image = _decode_image(io.BytesIO(files[ext]))
         except Exception as e:  # PIL signals broken files with many exception types
@@ -394,27 +427,31 @@ class TarShardDataset(IterableDataset):
         if self.shuffle_buffer > 1:
             rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")  # str seeds are stable across runs
             samples = _shuffled(samples, self.shuffle_buffer, rng)
+        skipped = 0
         for i, (name, files) in enumerate(samples):
             if epoch == skip_epoch and i < n_skip:
                 continue
-            yield self._decode(name, files)
+            item = self._decode(name, files)
+            if item is None:
+                skipped += 1
+                continue
+            yield (*item, skipped)
+            skipped = 0
 
 # -----------------------------------------------------------------------------
 # batching and loading
 
 
 def collate_image_text(batch):
-    """Stack (image, text) pairs, dropping the None of unreadable samples. If every sample was unreadable the
-    image tensor has batch size 0 and the caller should skip the step."""
-    kept = [b for b in batch if b is not None]
-    images = torch.stack([img for img, _ in kept]) if kept else torch.zeros(0, 3, 0, 0)
-    return {"image": images, "text": [t for _, t in kept], "skipped": len(batch) - len(kept)}
+    """(image, text, skipped) items -> {"image": B x 3 x H x W, "text": [B strings], "skipped": total}.
+    B is always the number of items: the datasets replace unreadable samples instead of dropping them."""
+    return {"image": torch.stack([img for img, _, _ in batch]), "text": [t for _, t, _ in batch],
+            "skipped": sum(s for _, _, s in batch)}
 
 
 def collate_text(batch):
-    """List of strings, dropping the None of undecodable samples."""
-    kept = [t for t in batch if t is not None]
-    return {"text": kept, "skipped": len(batch) - len(kept)}
+    """(text, skipped) items, from TextDataset or a text-only TarShardDataset -> {"text": [...], "skipped": total}."""
+    return {"text": [t for t, _ in batch], "skipped": sum(s for _, s in batch)}
 
 
 class ResumableDistributedSampler(Sampler):
@@ -488,3 +525,17 @@ def build_loader(dataset, batch_size, num_workers, collate_fn, seed=0, shuffle=T
         worker_init_fn=seed_worker, generator=generator,
     )
     return loader, sampler
+
+
+def image_text_loader(ann_paths, image_roots, shards, transform, batch_size, num_workers, seed=0, strict=False,
+                      shuffle=True):
+    """The image-caption DataLoader of stages 1 and 2: tar `shards` when given (streamed, split over ranks and
+    workers), else the annotation files with their image folders. Batches: {"image", "text", "skipped"}."""
+    if shards:
+        dataset = TarShardDataset(shards, transform, strict=strict, seed=seed)
+    else:
+        if not ann_paths:
+            raise ValueError("no training data: give annotation files (train_ann) or tar shards (train_shards)")
+        dataset = ImageTextDataset(ann_paths, image_roots, transform, strict=strict)
+    loader, _ = build_loader(dataset, batch_size, num_workers, collate_image_text, seed=seed, shuffle=shuffle)
+    return loader

@@ -62,12 +62,9 @@ class Blip2Config:
     t5_prefix_split: bool = False  # FlanT5: split each caption at a random word into encoder prefix / target
 
     @classmethod
-    def from_dict(cls, d):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown Blip2Config keys: {unknown}")
-        return cls(**d)
+    def pick(cls, config):
+        """The Blip2Config named by the keys of a training script's config that are Blip2Config fields."""
+        return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
 
 
 # -----------------------------------------------------------------------------
@@ -557,6 +554,17 @@ class Blip2Stage2(nn.Module):
         self.llm = llm if llm is not None else FrozenLLM.from_pretrained(c.llm_model, c.llm_dtype)
         self.llm_proj = nn.Linear(c.hidden_size, self.llm.dim)
         _init_bert_weights(self.llm_proj)
+
+    def load_stage1(self, state_dict, source):
+        """Start from stage 1's trainable weights: ln_vision and the Q-Former's query path (and llm_proj when
+        stage 1 trained one for P-Former alignment); stage 1's text-only parts and heads are left behind."""
+        ours = {n for n, p in self.named_parameters() if p.requires_grad}
+        carried = {k: v for k, v in state_dict.items() if k in ours}
+        missing = sorted(ours - set(carried) - {"llm_proj.weight", "llm_proj.bias"})
+        if missing or "qformer.query_tokens" not in state_dict:
+            raise ValueError(f"{source} is not a stage-1 checkpoint of this model: it lacks "
+                             f"{', '.join(missing[:5]) or 'qformer.query_tokens'}")
+        _copy_weights(self, carried, source, "stage-1 weights")
 
     def soft_prompt(self, image):
         """image -> llm_proj(Q-Former query outputs): B x Q x d_LLM."""

@@ -307,3 +307,126 @@ def mfu(flops_per_sample, samples_per_sec, device):
         if key in name:
             return flops_per_sample * samples_per_sec / peak
     return None
+
+# -----------------------------------------------------------------------------
+# the training loop, the same for every stage
+
+
+def train(*, model, loss_fn, loader, val_loader, cfg, dist_info, stage, generators=None):
+    """Train `model` for cfg['max_steps'] optimizer steps and return it (unwrapped).
+
+    loss_fn(model, batch) -> {"loss": total, <term>: value, ...}, run under autocast; every term is logged.
+    cfg: the script's config (see train_stage1.py for the keys). generators: {name: torch.Generator} whose
+    state is checkpointed with the run (e.g. the one that draws the ITM negatives).
+    With cfg['init_from'] == 'resume' the run continues from out_dir/ckpt.pt: weights, optimizer, grad scaler,
+    step, data position and random state, so that it ends where an uninterrupted run would."""
+    device, master = dist_info.device, dist_info.master
+    generators = generators or {}
+    ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
+    logger = Logger(cfg['out_dir'], master, cfg['wandb_log'], cfg['wandb_project'], cfg['wandb_run_name'], cfg)
+    optimizer = make_optimizer(model, lr=cfg['lr'], weight_decay=cfg['weight_decay'], betas=tuple(cfg['betas']),
+                               device=device)
+    scaler = make_grad_scaler(device, cfg['dtype'])
+    step, epoch, batch_in_epoch = 0, 0, 0
+    if cfg['init_from'] == 'resume':
+        state = load_checkpoint(ckpt_path, expect_stage=stage)
+        load_trainable_state_dict(model, state['model'], ckpt_path)
+        optimizer.load_state_dict(state['optimizer'])
+        scaler.load_state_dict(state['scaler'])
+        step, epoch, batch_in_epoch = state['step'], state['epoch'], state['batch_in_epoch']
+        rng = state['rng'][dist_info.rank % len(state['rng'])]
+        torch.set_rng_state(rng['cpu'])
+        if 'cuda' in rng and device.startswith('cuda'):
+            torch.cuda.set_rng_state(rng['cuda'], device)
+        for name, g in generators.items():
+            g.set_state(state['generators'][name])
+        if master:
+            print(f"resuming from {ckpt_path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+    elif cfg['init_from'] != 'scratch':
+        raise ValueError(f"init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
+    raw_model = model
+    if cfg['compile']:
+        model = torch.compile(model)
+    if dist_info.ddp:
+        model = DDP(model, device_ids=[dist_info.local_rank] if device.startswith('cuda') else None)
+    trainable = [p for p in raw_model.parameters() if p.requires_grad]
+    flops_per_sample = getattr(raw_model, 'flops_per_sample', None)
+
+    def save():
+        """Every rank's torch RNG state goes in, so that a resumed run draws the same dropout and crops."""
+        rng = {'cpu': torch.get_rng_state()}
+        if device.startswith('cuda'):
+            rng['cuda'] = torch.cuda.get_rng_state(device)
+        if dist_info.ddp:
+            rngs = [None] * dist_info.world_size
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        if master:
+            save_checkpoint(ckpt_path, dict(
+                stage=stage, model=trainable_state_dict(raw_model), optimizer=optimizer.state_dict(),
+                scaler=scaler.state_dict(), step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, config=cfg,
+                rng=rngs, generators={name: g.get_state() for name, g in generators.items()}))
+
+    # resume where the data stopped: samples per rank for a sampler, per rank-and-worker stream for shards
+    per_stream = cfg['batch_size'] // max(1, loader.num_workers) if _is_stream(loader) else cfg['batch_size']
+    batches = infinite_batches(loader, start_epoch=epoch, start_index=batch_in_epoch * per_stream)
+    model.train()
+    skipped, t0 = 0, time.time()
+    while step < cfg['max_steps']:
+        lr = cosine_lr(step, warmup_steps=cfg['warmup_steps'], max_steps=cfg['lr_decay_steps'], lr=cfg['lr'],
+                       min_lr=cfg['min_lr'], warmup_start_lr=cfg['warmup_start_lr'])
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        for micro in range(cfg['grad_accum']):
+            batch_epoch, batch = next(batches)
+            if batch_epoch != epoch:
+                epoch, batch_in_epoch = batch_epoch, 0
+            batch_in_epoch += 1
+            skipped += batch.get('skipped', 0)
+            last = micro == cfg['grad_accum'] - 1
+            # DDP all-reduces gradients only on the last micro-step
+            sync = model.no_sync() if dist_info.ddp and not last else nullcontext()
+            with sync, autocast_context(device, cfg['dtype']):
+                losses = loss_fn(model, batch)
+            with sync:
+                scaler.scale(losses['loss'] / cfg['grad_accum']).backward()
+        if cfg['grad_clip'] > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, cfg['grad_clip'])
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if step % cfg['log_interval'] == 0 or step == cfg['max_steps']:
+            dt = time.time() - t0
+            samples_per_sec = cfg['log_interval'] * cfg['grad_accum'] * cfg['batch_size'] / dt
+            logger.log(step, {**{k: v.detach().float() for k, v in losses.items()}, 'lr': lr,
+                              'samples_per_sec': samples_per_sec, 'skipped': skipped, 'epoch': epoch,
+                              'mfu': mfu(flops_per_sample(), samples_per_sec, device) if flops_per_sample else None})
+            t0 = time.time()
+        if val_loader is not None and (step % cfg['eval_interval'] == 0 or step == cfg['max_steps']):
+            logger.log(step, {'val_loss': evaluate(model, loss_fn, val_loader, cfg, device)})
+            t0 = time.time()
+        if step % cfg['ckpt_interval'] == 0 or step == cfg['max_steps']:
+            save()
+    return raw_model
+
+
+def _is_stream(loader):
+    return isinstance(loader.dataset, torch.utils.data.IterableDataset)
+
+
+@torch.no_grad()
+def evaluate(model, loss_fn, loader, cfg, device):
+    """Mean total loss over at most cfg['eval_batches'] validation batches, averaged over ranks."""
+    model.eval()
+    total, n = torch.zeros((), device=device), 0
+    for i, batch in enumerate(loader):
+        if i == cfg['eval_batches']:
+            break
+        with autocast_context(device, cfg['dtype']):
+            total += loss_fn(model, batch)['loss'].float()
+        n += 1
+    model.train()
+    return all_reduce_mean(total / max(n, 1))

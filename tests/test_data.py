@@ -4,6 +4,7 @@ import io
 import json
 import random
 import tarfile
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -14,8 +15,8 @@ from torch.utils.data import Dataset, DistributedSampler
 from torchvision import transforms
 
 from data import (
-    CLIP_MEAN, CLIP_STD, ImageTextDataset, ResumableDistributedSampler, TarShardDataset, TextDataset,
-    build_loader, clean_caption, collate_image_text, collate_text, eval_transform, load_annotations,
+    CLIP_MEAN, CLIP_STD, MAX_CONSECUTIVE_UNREADABLE, ImageTextDataset, ResumableDistributedSampler,
+    TarShardDataset, TextDataset, build_loader, clean_caption, collate_image_text, collate_text, eval_transform, load_annotations,
     seed_worker, train_transform,
 )
 
@@ -100,8 +101,8 @@ def test_annotations_and_concatenated_datasets(tmp_path):
     ds = ImageTextDataset([ann1, ann2], [tmp_path / "root1", tmp_path / "root2"], eval_transform(16))
     assert len(ds) == 3
     items = [ds[i] for i in range(3)]
-    assert [t for _, t in items] == ["a red one", "second caption", "blue image"]
-    assert all(img.shape == (3, 16, 16) for img, _ in items)
+    assert [t for _, t, _ in items] == ["a red one", "second caption", "blue image"]
+    assert all(img.shape == (3, 16, 16) and skipped == 0 for img, _, skipped in items)
     r, g, b = mean_rgb(items[0][0])
     assert r > 200 and b < 50  # from root1
     r, g, b = mean_rgb(items[2][0])
@@ -140,37 +141,78 @@ def test_missing_annotation_file(tmp_path):
         load_annotations(tmp_path / "missing.json")
 
 
-def test_unreadable_images_are_skipped_and_counted(tmp_path):
+def test_unreadable_images_are_replaced_and_counted(tmp_path):
     root = tmp_path / "img"
     save_image(root / "ok.jpg", (0, 255, 0))
+    save_image(root / "ok2.png", (0, 0, 255))
     (root / "corrupt.jpg").write_bytes(b"this is not a jpeg")
     (root / "truncated.jpg").write_bytes(image_bytes((1, 2, 3))[:100])
     ann = tmp_path / "ann.json"
-    names = ["ok.jpg", "missing.jpg", "corrupt.jpg", "truncated.jpg"]
+    names = ["ok.jpg", "missing.jpg", "corrupt.jpg", "ok2.png", "truncated.jpg"]
     ann.write_text(json.dumps([{"image": n, "caption": n} for n in names]))
 
     ds = ImageTextDataset(ann, root, eval_transform(16))
-    assert ds[0][1] == "ok jpg"
-    for i in (1, 2, 3):
-        with pytest.warns(UserWarning, match=names[i]):
-            assert ds[i] is None
+    assert ds[0][1:] == ("ok jpg", 0)
+    # missing.jpg and corrupt.jpg are replaced by the next readable sample, ok2.png
+    with pytest.warns(UserWarning) as record:
+        img, text, skipped = ds[1]
+    assert text == "ok2 png" and skipped == 2 and img.shape == (3, 16, 16)
+    assert len(record) == 2 and "missing.jpg" in str(record[0].message) and "corrupt.jpg" in str(record[1].message)
+    assert all("\n" not in str(w.message) for w in record)
+    # the last sample wraps around to the first
+    with pytest.warns(UserWarning, match="truncated.jpg"):
+        assert ds[4][1:] == ("ok jpg", 1)
+    # one warning per file: known bad files are passed over silently (and still counted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ds[2][1:] == ("ok2 png", 1)
+        assert ds[-1][1:] == ("ok jpg", 1)
+    with pytest.raises(IndexError):
+        ds[5]
 
+    # batches keep their size; collate reports the skips
+    fresh = ImageTextDataset(ann, root, eval_transform(16))
     with pytest.warns(UserWarning):
-        loader, sampler = build_loader(ds, batch_size=4, num_workers=0, collate_fn=collate_image_text,
+        loader, sampler = build_loader(fresh, batch_size=5, num_workers=0, collate_fn=collate_image_text,
                                        shuffle=False, drop_last=False)
         batches = list(loader)
     assert len(batches) == 1 and isinstance(sampler, ResumableDistributedSampler)
-    assert batches[0]["image"].shape == (1, 3, 16, 16)
-    assert batches[0]["text"] == ["ok jpg"] and batches[0]["skipped"] == 3
-
-    with pytest.warns(UserWarning):
-        empty = collate_image_text([ds[1], ds[2]])
-    assert empty["image"].shape[0] == 0 and empty["text"] == [] and empty["skipped"] == 2
+    assert batches[0]["image"].shape == (5, 3, 16, 16)
+    assert batches[0]["text"] == ["ok jpg", "ok2 png", "ok2 png", "ok2 png", "ok jpg"]
+    assert batches[0]["skipped"] == 2 + 1 + 0 + 1
+    r, g, b = mean_rgb(batches[0]["image"][1])
+    assert b > 200 and g < 50  # the replacement's image goes with its caption
 
     strict = ImageTextDataset(ann, root, eval_transform(16), strict=True)
-    for i in (1, 2, 3):
+    for i in (1, 2, 4):
         with pytest.raises(RuntimeError, match=names[i]):
             strict[i]
+    assert strict[3][1:] == ("ok2 png", 0)
+
+
+def test_too_many_consecutive_unreadable_images(tmp_path):
+    root = tmp_path / "img"
+    save_image(root / "ok.jpg", (0, 255, 0))
+    n_bad = MAX_CONSECUTIVE_UNREADABLE
+    assert n_bad == 100
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps([{"image": f"gone{i:03d}.jpg", "caption": "x"} for i in range(n_bad)]
+                              + [{"image": "ok.jpg", "caption": "ok"}]))
+    ds = ImageTextDataset(ann, root, eval_transform(16))
+    with pytest.warns(UserWarning):
+        with pytest.raises(RuntimeError, match="100 consecutive unreadable.*gone000.jpg.*check the image root"):
+            ds[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # all 100 were warned about already
+        assert ds[1][1:] == ("ok", 99)  # 99 bad in a row are still passed over
+
+    # every image missing in a small dataset (the wrong root): one pass over it, then the error
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps([{"image": f"gone{i}.jpg", "caption": "x"} for i in range(3)]))
+    wrong = ImageTextDataset(small, tmp_path, eval_transform(16))
+    with pytest.warns(UserWarning):
+        with pytest.raises(RuntimeError, match=f"3 consecutive unreadable.*gone1.jpg.*{tmp_path}"):
+            wrong[1]
 
 
 def test_text_dataset(tmp_path):
@@ -179,8 +221,11 @@ def test_text_dataset(tmp_path):
     ann = tmp_path / "caps.json"
     ann.write_text(json.dumps([{"image": "a.jpg", "caption": ["Cap A", "Cap B"]}, {"caption": "No image!"}]))
     ds = TextDataset([txt, ann])
-    assert [ds[i] for i in range(len(ds))] == ["first sentence", "second one", "cap a", "cap b", "no image"]
-    assert collate_text([ds[0], None, ds[1]]) == {"text": ["first sentence", "second one"], "skipped": 1}
+    assert [ds[i] for i in range(len(ds))] == [("first sentence", 0), ("second one", 0), ("cap a", 0),
+                                               ("cap b", 0), ("no image", 0)]
+    assert collate_text([ds[0], ds[1]]) == {"text": ["first sentence", "second one"], "skipped": 0}
+    # text items of a TarShardDataset collate the same way
+    assert collate_text([ds[0], ("after bad", 2)]) == {"text": ["first sentence", "after bad"], "skipped": 2}
     with pytest.raises(ValueError, match="unknown text file type"):
         TextDataset(tmp_path / "x.csv")
 
@@ -214,16 +259,16 @@ def test_tar_shards_read_every_sample_once(tmp_path):
     ds = TarShardDataset(pattern, eval_transform(16), shuffle_buffer=4)
     assert len(ds.shards) == 4 and ds.shards[0].endswith("shard-00000.tar")
     items = list(ds)
-    assert Counter(t for _, t in items) == Counter(expected)
-    assert all(img.shape == (3, 16, 16) for img, _ in items)
+    assert Counter(t for _, t, _ in items) == Counter(expected)
+    assert all(img.shape == (3, 16, 16) and skipped == 0 for img, _, skipped in items)
     # a glob pattern and an explicit list name the same shards
     assert TarShardDataset(str(tmp_path / "*.tar"), None).shards == ds.shards
     assert TarShardDataset(ds.shards, None).shards == ds.shards
 
     # transform=None: captions only, image-less samples included
-    texts = list(TarShardDataset(pattern, None, shuffle_buffer=4))
-    assert all(isinstance(t, str) for t in texts)
-    assert Counter(texts) == Counter(expected + ["text only"] * 4)
+    items = list(TarShardDataset(pattern, None, shuffle_buffer=4))
+    assert all(isinstance(t, str) and skipped == 0 for t, skipped in items)
+    assert Counter(t for t, _ in items) == Counter(expected + ["text only"] * 4)
 
 
 def test_tar_shards_split_across_ranks_and_workers(tmp_path):
@@ -263,8 +308,8 @@ def test_tar_shards_shuffle_buffer(tmp_path):
     shard = tmp_path / "one.tar"
     captions = [f"sample {i}" for i in range(12)]
     write_tar(shard, [(f"{i:03d}.txt", c.encode()) for i, c in enumerate(captions)])
-    assert list(TarShardDataset([shard], None, shuffle_buffer=0)) == captions  # tar order
-    shuffled = list(TarShardDataset([shard], None, shuffle_buffer=4))
+    assert [t for t, _ in TarShardDataset([shard], None, shuffle_buffer=0)] == captions  # tar order
+    shuffled = [t for t, _ in TarShardDataset([shard], None, shuffle_buffer=4)]
     assert shuffled != captions and sorted(shuffled) == sorted(captions)
 
 
@@ -306,17 +351,50 @@ def test_tar_shards_bad_samples(tmp_path):
     ds = TarShardDataset([good], eval_transform(16), shuffle_buffer=0)
     with pytest.warns(UserWarning) as record:
         items = list(ds)
-    assert [x if x is None else x[1] for x in items] == ["fine", None, None]
+    assert [x[1:] for x in items] == [("fine", 0)]  # trailing bad samples: nothing left to carry their count
     messages = " ".join(str(w.message) for w in record)
     assert "good.tar:b" in messages and "good.tar:c" in messages
-    batch = collate_image_text(items)
-    assert batch["image"].shape == (1, 3, 16, 16) and batch["skipped"] == 2
     with pytest.raises(RuntimeError, match="good.tar:b"):
         list(TarShardDataset([good], eval_transform(16), strict=True, shuffle_buffer=0))
 
+    # bad samples between good ones: full-size batches, the skip count on the next good sample
+    mixed = tmp_path / "mixed.tar"
+    members = []
+    for i in range(6):
+        bad = i in (1, 2, 4)
+        members += [(f"{i}.jpg", b"garbage" if bad else image_bytes((5, 5, 5))), (f"{i}.txt", f"s{i}".encode())]
+    members += [("6.jpg", image_bytes((5, 5, 5))), ("6.json", b"{not json")]  # bad caption
+    members += [("7.jpg", image_bytes((5, 5, 5))), ("7.txt", b"s7")]
+    write_tar(mixed, members)
+    ds = TarShardDataset([mixed], eval_transform(16), shuffle_buffer=0)
+    with pytest.warns(UserWarning) as record:
+        items = list(ds)
+    assert [x[1:] for x in items] == [("s0", 0), ("s3", 2), ("s5", 1), ("s7", 1)]
+    assert all(f"mixed.tar:{k}" in " ".join(str(w.message) for w in record) for k in (1, 2, 4, 6))
+    with pytest.warns(UserWarning):
+        batches = list(build_loader(ds, batch_size=2, num_workers=0, collate_fn=collate_image_text)[0])
+    assert [b["image"].shape for b in batches] == [(2, 3, 16, 16)] * 2
+    assert [b["text"] for b in batches] == [["s0", "s3"], ["s5", "s7"]]
+    assert [b["skipped"] for b in batches] == [2, 2]
+    # resume: skip(n) counts stream samples, bad ones included
+    ds.skip(3)  # 0, 1, 2 consumed
+    with pytest.warns(UserWarning):
+        assert [x[1:] for x in ds] == [("s3", 0), ("s5", 1), ("s7", 1)]
+
+    # text only: an undecodable caption is skipped and counted too
+    text_shard = tmp_path / "text.tar"
+    write_tar(text_shard, [("a.txt", b"one"), ("b.txt", b"\xff\xfe bad utf-8"), ("c.json", b"{}"),
+                           ("d.txt", b"two")])
+    with pytest.warns(UserWarning) as record:
+        items = list(TarShardDataset([text_shard], None, shuffle_buffer=0))
+    assert ["text.tar:b" in str(w.message) for w in record] == [True, False]
+    assert "text.tar:c" in str(record[1].message)
+    assert items == [("one", 0), ("two", 2)]
+    assert collate_text(items) == {"text": ["one", "two"], "skipped": 2}
+
     with pytest.warns(UserWarning, match="cut.tar"):
         items = list(TarShardDataset([cut], eval_transform(16), shuffle_buffer=0))
-    assert [t for _, t in items] == ["first"]
+    assert [x[1:] for x in items] == [("first", 0)]
     with pytest.raises(RuntimeError, match="cut.tar"):
         list(TarShardDataset([cut], eval_transform(16), strict=True))
     with pytest.raises(FileNotFoundError, match="nope.tar"):

@@ -3,55 +3,17 @@
 Everything is built from random weights and small hand-written vocabularies, saved in each library's own
 format when a directory is needed, and loaded through the same code paths as the real models."""
 
-import os
-
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval,
                           Blip2QFormerConfig, Blip2VisionConfig, BertConfig, BertForMaskedLM, BertTokenizerFast,
-                          OPTConfig, PreTrainedTokenizerFast, T5Config)
+                          OPTConfig, T5Config)
 
 from model import Blip2Config as OurConfig
+from world import bert_tokenizer, byte_tokenizer
 
-WORDS = ("a an the of in on with and to is are there what where how many which color shape photo picture "
-         "left right above below next big small large red green blue yellow white black purple orange "
-         "square circle triangle star one two three four five image scene question answer short").split()
 IMAGE = 28  # 2 x 2 patches of 14 px + CLS = 5 image tokens
 HIDDEN = 64
 INIT_STD = 0.3  # an expressive random LLM, so that a soft prompt can steer it in overfitting tests
-
-
-def bert_tokenizer(directory):
-    """A WordPiece tokenizer in bert-base-uncased's format ([PAD]=0 ... [MASK]=4) over WORDS + letters."""
-    os.makedirs(directory, exist_ok=True)
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [w for w in letters if w not in WORDS]
-    vocab += ["##" + w for w in letters] + [".", ",", "?", "!", "'"]
-    with open(os.path.join(directory, "vocab.txt"), "w") as f:
-        f.write("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(os.path.join(directory, "vocab.txt"), do_lower_case=True)
-    tok.save_pretrained(directory)
-    return tok
-
-
-def byte_tokenizer(directory=None, t5=False):
-    """A byte-level BPE tokenizer without merges (one token per byte). OPT style: <s>=0 <pad>=1 </s>=2 and
-    BOS prepended; T5 style: <pad>=0 </s>=1 <unk>=2 and EOS appended."""
-    specials = ["<pad>", "</s>", "<unk>"] if t5 else ["<s>", "<pad>", "</s>", "<unk>"]
-    vocab = {t: i for i, t in enumerate(specials)}
-    for ch in pre_tokenizers.ByteLevel.alphabet():
-        vocab[ch] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    eos = vocab["</s>"]
-    tk.post_processor = (processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos)]) if t5 else
-                         processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", eos)]))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                  bos_token=None if t5 else "</s>")
-    if directory:
-        tok.save_pretrained(directory)
-    return tok
 
 
 def perturb(model, std=0.02, seed=0):

@@ -1,0 +1,104 @@
+"""
+BLIP-2 stage 1: vision-language representation learning. The frozen image encoder's features go through the
+trainable ln_vision and Q-Former, trained on image-text pairs with ITC + ITM + ITG.
+
+One GPU or CPU:       python train_stage1.py config/stage1_tiny.py
+One node, 8 GPUs:     torchrun --standalone --nproc_per_node=8 train_stage1.py config/stage1_vitg_4m.py
+Override anything:    python train_stage1.py config/stage1_tiny.py --batch_size=8 --max_steps=50
+"""
+import sys
+
+import torch
+
+import train_common as tc
+from configurator import apply_overrides, config_snapshot
+from data import image_text_loader, train_transform, eval_transform
+from model import Blip2Config, Blip2Stage1
+
+# -----------------------------------------------------------------------------
+# default config: the P-Former paper's stage 1 on 4M pairs (COCO + VG + CC3M + SBU), ViT-g, batch 8 x 128
+# I/O
+out_dir = "out/stage1"
+init_from = "scratch"  # 'scratch' or 'resume' (continue from out_dir/ckpt.pt)
+log_interval = 50
+eval_interval = 2000
+eval_batches = 50
+ckpt_interval = 1000
+wandb_log = False
+wandb_project = "blip2-pformer"
+wandb_run_name = "stage1"
+# data: LAVIS-style caption annotations (JSON list or JSONL) and their image folders, or tar shards
+train_ann = ["data/coco/annotations/coco_karpathy_train.json", "data/vg/annotations/vg_caption.json",
+             "data/cc3m/annotations/cc3m.json", "data/sbu/annotations/sbu.json"]
+train_image_roots = ["data/coco/images", "data/vg/images", "data/cc3m/images", "data/sbu/images"]
+train_shards = ""  # e.g. "data/laion/{00000..09999}.tar" (img2dataset layout); used instead of train_ann if set
+val_ann = ["data/coco/annotations/coco_karpathy_val.json"]
+val_image_roots = ["data/coco/images"]
+strict_images = False  # True: an unreadable image stops the run; False: skipped with a warning and counted
+num_workers = 8
+# model (the names of model.Blip2Config)
+vit_model = "eva_giant_patch14_clip_224"
+vit_layers = 39
+vit_pretrained = "timm"
+vit_kwargs = {}
+vit_dtype = "float16"
+image_size = 224
+bert = "bert-base-uncased"
+qformer_init_from_bert = True
+num_query_tokens = 32
+cross_attention_freq = 2
+hidden_size = 768
+num_layers = 12
+num_heads = 12
+intermediate_size = 3072
+vocab_size = 30523
+dropout = 0.1
+embed_dim = 256
+max_txt_len = 32
+# optimization: AdamW, linear warmup then cosine (SPEC.md section 6)
+batch_size = 128  # per GPU and micro-step; global batch = batch_size * grad_accum * GPUs
+grad_accum = 1
+max_steps = 40_000  # about 10 epochs of 4M pairs at a global batch of 1024
+lr_decay_steps = 40_000  # the cosine reaches min_lr here; normally = max_steps (a smaller max_steps stops early)
+lr = 1e-4
+min_lr = 1e-5
+warmup_start_lr = 1e-6
+warmup_steps = 5000
+weight_decay = 0.05
+betas = (0.9, 0.98)
+grad_clip = 0.0  # 0 = off, as in the official runs
+# system
+device = "cuda"
+dtype = "bfloat16"  # autocast on CUDA: 'bfloat16' or 'float16' (with a GradScaler); CPU runs in float32
+compile = False
+seed = 1337
+# -----------------------------------------------------------------------------
+apply_overrides(globals(), sys.argv[1:])
+config = config_snapshot(globals())
+# -----------------------------------------------------------------------------
+
+dist_info = tc.setup_distributed(device)
+tc.seed_everything(seed, dist_info.rank)
+
+model = Blip2Stage1(Blip2Config.pick(config)).to(dist_info.device)
+if dist_info.master:
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"stage 1: {n_trainable / 1e6:.1f}M trainable parameters")
+
+train_loader = image_text_loader(train_ann, train_image_roots, train_shards, train_transform(image_size),
+                                 batch_size, num_workers, seed, strict_images)
+val_loader = image_text_loader(val_ann, val_image_roots, "", eval_transform(image_size), batch_size, num_workers,
+                               seed, strict_images, shuffle=False) if val_ann else None
+
+# ITM negatives come from one generator seeded alike on every rank: the draw is then the same whatever the
+# number of GPUs (model.Blip2Stage1.itm_loss takes its own rows of the global draw)
+negatives = torch.Generator(dist_info.device).manual_seed(seed)
+
+
+def loss_fn(model, batch):
+    return model(batch["image"].to(dist_info.device, non_blocking=True), batch["text"], neg_generator=negatives)
+
+
+tc.train(model=model, loss_fn=loss_fn, loader=train_loader, val_loader=val_loader, cfg=config, dist_info=dist_info,
+         stage=1, generators={"itm_negatives": negatives})
+tc.cleanup_distributed()

@@ -1,0 +1,104 @@
+"""
+BLIP-2 stage 2: vision-to-language generative learning. The stage-1 Q-Former's query outputs, projected by
+llm_proj, become a soft prompt of 32 vectors in front of the frozen LLM, trained with the LM loss on captions.
+
+One GPU or CPU:       python train_stage2.py config/stage2_tiny.py
+One node, 8 GPUs:     torchrun --standalone --nproc_per_node=8 train_stage2.py config/stage2_vitg_opt2.7b_4m.py
+Override anything:    python train_stage2.py config/stage2_tiny.py --stage1_ckpt=out/stage1/ckpt.pt
+"""
+import sys
+
+import train_common as tc
+from configurator import apply_overrides, config_snapshot
+from data import image_text_loader, train_transform, eval_transform
+from model import Blip2Config, Blip2Stage2
+
+# -----------------------------------------------------------------------------
+# default config: the P-Former paper's stage 2 on 4M pairs, ViT-g + OPT-2.7b, batch 8 x 128
+# I/O
+out_dir = "out/stage2"
+init_from = "scratch"  # 'scratch' (start from stage1_ckpt) or 'resume' (continue from out_dir/ckpt.pt)
+stage1_ckpt = "out/stage1/ckpt.pt"  # '' starts the Q-Former from random weights (an ablation)
+log_interval = 50
+eval_interval = 2000
+eval_batches = 50
+ckpt_interval = 1000
+wandb_log = False
+wandb_project = "blip2-pformer"
+wandb_run_name = "stage2"
+# data: as in stage 1
+train_ann = ["data/coco/annotations/coco_karpathy_train.json", "data/vg/annotations/vg_caption.json",
+             "data/cc3m/annotations/cc3m.json", "data/sbu/annotations/sbu.json"]
+train_image_roots = ["data/coco/images", "data/vg/images", "data/cc3m/images", "data/sbu/images"]
+train_shards = ""
+val_ann = ["data/coco/annotations/coco_karpathy_val.json"]
+val_image_roots = ["data/coco/images"]
+strict_images = False
+num_workers = 8
+# model (the names of model.Blip2Config; the Q-Former sizes must match stage 1's)
+vit_model = "eva_giant_patch14_clip_224"
+vit_layers = 39
+vit_pretrained = "timm"
+vit_kwargs = {}
+vit_dtype = "float16"
+image_size = 224
+num_query_tokens = 32
+cross_attention_freq = 2
+hidden_size = 768
+num_layers = 12
+num_heads = 12
+intermediate_size = 3072
+dropout = 0.1
+max_txt_len = 32
+llm_model = "facebook/opt-2.7b"  # any HF causal LM (OPT, Llama-family) or FlanT5, by name or directory
+llm_dtype = "float16"  # FlanT5: 'bfloat16'
+prompt = ""
+t5_prefix_split = False
+# optimization
+batch_size = 128
+grad_accum = 1
+max_steps = 40_000
+lr_decay_steps = 40_000  # the cosine reaches min_lr here; normally = max_steps (a smaller max_steps stops early)
+lr = 1e-4
+min_lr = 1e-5
+warmup_start_lr = 1e-6
+warmup_steps = 2000
+weight_decay = 0.05
+betas = (0.9, 0.98)
+grad_clip = 0.0
+# system
+device = "cuda"
+dtype = "bfloat16"
+compile = False
+seed = 1337
+# -----------------------------------------------------------------------------
+apply_overrides(globals(), sys.argv[1:])
+config = config_snapshot(globals())
+# -----------------------------------------------------------------------------
+
+dist_info = tc.setup_distributed(device)
+tc.seed_everything(seed, dist_info.rank)
+
+model = Blip2Stage2(Blip2Config.pick(config))
+if init_from == "scratch" and stage1_ckpt:
+    model.load_stage1(tc.load_checkpoint(stage1_ckpt, expect_stage=1)["model"], stage1_ckpt)
+elif init_from == "scratch" and dist_info.master:
+    print("stage1_ckpt is empty: the Q-Former starts from random weights")
+model.to(dist_info.device)
+if dist_info.master:
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"stage 2: {n_trainable / 1e6:.1f}M trainable parameters, LLM {llm_model}")
+
+train_loader = image_text_loader(train_ann, train_image_roots, train_shards, train_transform(image_size),
+                                 batch_size, num_workers, seed, strict_images)
+val_loader = image_text_loader(val_ann, val_image_roots, "", eval_transform(image_size), batch_size, num_workers,
+                               seed, strict_images, shuffle=False) if val_ann else None
+
+
+def loss_fn(model, batch):
+    return model(batch["image"].to(dist_info.device, non_blocking=True), batch["text"])
+
+
+tc.train(model=model, loss_fn=loss_fn, loader=train_loader, val_loader=val_loader, cfg=config, dist_info=dist_info,
+         stage=2)
+tc.cleanup_distributed()
