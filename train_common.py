@@ -9,7 +9,7 @@ import os
 import random
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -406,11 +406,28 @@ def train(*, model, loss_fn, loader, val_loader, cfg, dist_info, stage, generato
                               'mfu': mfu(flops_per_sample(), samples_per_sec, device) if flops_per_sample else None})
             t0 = time.time()
         if val_loader is not None and (step % cfg['eval_interval'] == 0 or step == cfg['max_steps']):
-            logger.log(step, {'val_loss': evaluate(model, loss_fn, val_loader, cfg, device)})
+            with preserved_rng(generators.values()):  # validation must not change what training draws next
+                val_loss = evaluate(model, loss_fn, val_loader, cfg, device)
+            logger.log(step, {'val_loss': val_loss})
             t0 = time.time()
         if step % cfg['ckpt_interval'] == 0 or step == cfg['max_steps']:
             save()
     return raw_model
+
+
+@contextmanager
+def preserved_rng(generators=()):
+    """Restore torch's CPU/CUDA random state and the given generators' states on exit."""
+    states = [torch.get_rng_state()] + [g.get_state() for g in generators]
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        for g, state in zip(generators, states[1:]):
+            g.set_state(state)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def _is_stream(loader):
