@@ -9,6 +9,13 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/pip install -r requirements.txt
 	touch $@
 
+# the tiny world, then stage 1 and stage 2 on it, on CPU
+.PHONY: quickstart
+quickstart: $(VENV)/.installed
+	test -f data/world/vit.pth || HF_HUB_OFFLINE=1 $(PY) world.py
+	HF_HUB_OFFLINE=1 $(PY) train_stage1.py config/stage1_tiny.py
+	HF_HUB_OFFLINE=1 $(PY) train_stage2.py config/stage2_tiny.py
+
 .PHONY: test
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
