@@ -188,10 +188,12 @@ def newline_token_id(tokenizer):
 
 
 class FrozenLLM(nn.Module):
-    """The frozen language model, driven through `inputs_embeds`: any Hugging Face decoder-only causal LM
-    (OPT, Llama-family such as SmolLM2 or Qwen) or an encoder-decoder FlanT5. Frozen and in eval mode for good."""
+    """The frozen language model, driven through `inputs_embeds` by a soft prompt (B x Q x d_LLM) in front of
+    its text: any Hugging Face decoder-only causal LM (OPT, Llama-family such as SmolLM2 or Qwen) or an
+    encoder-decoder FlanT5. Frozen and in eval mode for good. `prompt`: a text prompt after the soft prompt
+    (e.g. "a photo of"); `max_txt_len`: text tokens kept; `t5_prefix_split`: see split_captions."""
 
-    def __init__(self, hf_model, tokenizer):
+    def __init__(self, hf_model, tokenizer, prompt="", max_txt_len=32, t5_prefix_split=False):
         super().__init__()
         self.model = freeze(hf_model)
         self.tokenizer = tokenizer
@@ -200,15 +202,16 @@ class FrozenLLM(nn.Module):
         self.is_encoder_decoder = bool(hf_model.config.is_encoder_decoder)
         self.eos_token_id = tokenizer.eos_token_id if self.is_encoder_decoder else newline_token_id(tokenizer)
         self.dim = hf_model.get_input_embeddings().embedding_dim
+        self.prompt, self.max_txt_len, self.t5_prefix_split = prompt, max_txt_len, t5_prefix_split
 
     @classmethod
-    def from_pretrained(cls, name, dtype="float32"):
+    def from_pretrained(cls, name, dtype="float32", **options):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
         config = _load_pretrained(AutoConfig, name, "LLM")
         loader = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         model = _load_pretrained(loader, name, "LLM", dtype=DTYPES[dtype])
-        return cls(model, _load_pretrained(AutoTokenizer, name, "LLM tokenizer"))
+        return cls(model, _load_pretrained(AutoTokenizer, name, "LLM tokenizer"), **options)
 
     def train(self, mode=True):
         return super().train(False)
@@ -216,10 +219,64 @@ class FrozenLLM(nn.Module):
     def embed(self, ids):
         return self.model.get_input_embeddings()(ids)
 
-    def tokenize(self, texts, padding_side="right", add_special_tokens=True, max_length=None):
+    def tokenize(self, texts, padding_side="right", max_length=None):
         self.tokenizer.padding_side = padding_side
         return self.tokenizer(texts, padding="longest", truncation=max_length is not None, max_length=max_length,
-                              add_special_tokens=add_special_tokens, return_tensors="pt")
+                              return_tensors="pt")
+
+    def with_soft_prompt(self, prompt_embeds, tokens):
+        """[soft prompt (Q); embedded tokens] and its attention mask [1] * Q + the tokens' mask."""
+        tokens = tokens.to(prompt_embeds.device)
+        embeds = torch.cat([prompt_embeds.to(self.model.dtype), self.embed(tokens.input_ids)], dim=1)
+        mask = torch.cat([tokens.attention_mask.new_ones(prompt_embeds.shape[:2]), tokens.attention_mask], dim=1)
+        return embeds, mask
+
+    def inputs(self, prompt_embeds, texts):
+        """The LLM's inputs for the LM loss of `texts` after the soft prompt, as keyword arguments of its forward.
+        Decoder-only: [soft prompt (Q); BOS + text prompt + text + "\n"], right-padded to the longest (at most
+        max_txt_len tokens); labels -100 on the soft prompt, the padding and a non-empty text prompt.
+        FlanT5: the encoder reads [soft prompt; prefix], the decoder's labels are the rest of the text."""
+        if self.is_encoder_decoder:
+            prefixes, targets = split_captions(texts, self.prompt, self.t5_prefix_split)
+            embeds, attn = self.with_soft_prompt(prompt_embeds, self.tokenize(prefixes, max_length=self.max_txt_len))
+            dec = self.tokenize(targets, max_length=self.max_txt_len).to(embeds.device)
+            labels = dec.input_ids.masked_fill(dec.attention_mask == 0, -100)
+            return dict(inputs_embeds=embeds, attention_mask=attn, labels=labels,
+                        decoder_attention_mask=dec.attention_mask)
+        t = self.tokenize([self.prompt + text + "\n" for text in texts], max_length=self.max_txt_len)
+        embeds, attn = self.with_soft_prompt(prompt_embeds, t)
+        labels = t.input_ids.to(embeds.device).masked_fill(attn[:, prompt_embeds.shape[1]:] == 0, -100)
+        if self.prompt:  # the text prompt (and BOS) are given, not predicted
+            labels[:, : len(self.tokenizer(self.prompt).input_ids)] = -100
+        labels = torch.cat([labels.new_full(prompt_embeds.shape[:2], -100), labels], dim=1)
+        return dict(inputs_embeds=embeds, attention_mask=attn, labels=labels)
+
+    def lm_loss(self, prompt_embeds, texts):
+        """The LM loss of `texts` after the soft prompt: token-level cross-entropy, mean over the batch's targets."""
+        inputs = self.inputs(prompt_embeds, texts)
+        if self.is_encoder_decoder:
+            return self.model(**inputs).loss
+        labels = inputs.pop("labels")
+        logits = self.model(**inputs).logits  # B x (Q + T) x V
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+    @torch.no_grad()
+    def generate_tokens(self, prompt_embeds, prompt=None, num_beams=5, max_new_tokens=30, min_new_tokens=1,
+                        length_penalty=1.0, **kwargs):
+        """Token ids generated after a soft prompt and a text prompt (one string, or one per row; default
+        self.prompt): greedy (num_beams=1) or beam search. Decoder-only models stop at "\n", T5 at </s>."""
+        prompt = self.prompt if prompt is None else prompt
+        prompts = [prompt] * prompt_embeds.shape[0] if isinstance(prompt, str) else list(prompt)
+        # decoder-only: left padding keeps every text prompt right next to the text generated after it
+        t = self.tokenize(prompts, padding_side="right" if self.is_encoder_decoder else "left")
+        embeds, attn = self.with_soft_prompt(prompt_embeds, t)
+        return self.model.generate(inputs_embeds=embeds, attention_mask=attn, num_beams=num_beams,
+                                   max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                   length_penalty=length_penalty, eos_token_id=self.eos_token_id,
+                                   pad_token_id=self.tokenizer.pad_token_id, do_sample=False, **kwargs)
+
+    def decode(self, tokens):
+        return [s.strip() for s in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
 
 # -----------------------------------------------------------------------------
@@ -551,7 +608,8 @@ class Blip2Stage2(nn.Module):
         self.visual = vit if vit is not None else FrozenViT(c)
         self.ln_vision = nn.LayerNorm(self.visual.width, eps=c.ln_vision_eps)
         self.qformer = QFormer(c, image_dim=self.visual.width, with_text=False)
-        self.llm = llm if llm is not None else FrozenLLM.from_pretrained(c.llm_model, c.llm_dtype)
+        self.llm = llm if llm is not None else FrozenLLM.from_pretrained(
+            c.llm_model, c.llm_dtype, prompt=c.prompt, max_txt_len=c.max_txt_len, t5_prefix_split=c.t5_prefix_split)
         self.llm_proj = nn.Linear(c.hidden_size, self.llm.dim)
         _init_bert_weights(self.llm_proj)
 
@@ -573,70 +631,15 @@ class Blip2Stage2(nn.Module):
 
     def forward(self, image, captions):
         """LM loss of the captions given the image: {"loss", "lm"}."""
-        return self.lm_loss(self.soft_prompt(image), captions)
-
-    def lm_loss(self, prompt_embeds, captions):
-        """LM loss of `captions` after the soft prompt `prompt_embeds` (B x Q x d_LLM): {"loss", "lm"}."""
-        inputs = self.llm_inputs(prompt_embeds, captions)
-        if self.llm.is_encoder_decoder:
-            loss = self.llm.model(**inputs).loss
-        else:
-            labels = inputs.pop("labels")
-            logits = self.llm.model(**inputs).logits  # B x (Q + T) x V
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return dict(loss=loss, lm=loss)
-
-    def llm_inputs(self, prompt_embeds, captions):
-        """The frozen LLM's inputs for the LM loss, as keyword arguments of its forward.
-        Decoder-only: [soft prompt (Q); BOS + text prompt + caption + "\n"], right-padded to the longest (at
-        most max_txt_len tokens); labels -100 on the soft prompt, the padding and a non-empty text prompt.
-        FlanT5: the encoder reads [soft prompt; prefix], the decoder's labels are the rest of the caption."""
-        c, llm, device = self.config, self.llm, prompt_embeds.device
-        if llm.is_encoder_decoder:
-            prefixes, targets = split_captions(captions, c.prompt, c.t5_prefix_split)
-            enc = llm.tokenize(prefixes, max_length=c.max_txt_len).to(device)
-            embeds, attn = self._with_soft_prompt(prompt_embeds, enc)
-            dec = llm.tokenize(targets, max_length=c.max_txt_len).to(device)
-            labels = dec.input_ids.masked_fill(dec.attention_mask == 0, -100)
-            return dict(inputs_embeds=embeds, attention_mask=attn, labels=labels,
-                        decoder_attention_mask=dec.attention_mask)
-        t = llm.tokenize([c.prompt + cap + "\n" for cap in captions], max_length=c.max_txt_len).to(device)
-        labels = t.input_ids.masked_fill(t.attention_mask == 0, -100)
-        if c.prompt:  # the text prompt (and BOS) are given, not predicted
-            labels[:, : len(llm.tokenizer(c.prompt).input_ids)] = -100
-        embeds, attn = self._with_soft_prompt(prompt_embeds, t)
-        labels = torch.cat([labels.new_full(prompt_embeds.shape[:2], -100), labels], dim=1)
-        return dict(inputs_embeds=embeds, attention_mask=attn, labels=labels)
-
-    def _with_soft_prompt(self, prompt_embeds, tokens):
-        """[soft prompt (Q); embedded tokens] and its attention mask [1] * Q + the tokens' mask."""
-        embeds = torch.cat([prompt_embeds.to(self.llm.model.dtype), self.llm.embed(tokens.input_ids)], dim=1)
-        mask = torch.cat([tokens.attention_mask.new_ones(prompt_embeds.shape[:2]), tokens.attention_mask], dim=1)
-        return embeds, mask
+        lm = self.llm.lm_loss(self.soft_prompt(image), captions)
+        return dict(loss=lm, lm=lm)
 
     @torch.no_grad()
     def generate(self, image, prompt=None, **kwargs):
         """Captions or answers for a batch of images: greedy (num_beams=1) or beam search. `prompt`: one string
         for all images or one per image (e.g. "Question: what is it? Short answer:"); default config.prompt.
-        Keyword arguments as `generate_tokens`."""
-        tokens = self.generate_tokens(self.soft_prompt(image), prompt, **kwargs)
-        return [s.strip() for s in self.llm.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
-
-    @torch.no_grad()
-    def generate_tokens(self, prompt_embeds, prompt=None, num_beams=5, max_new_tokens=30, min_new_tokens=1,
-                        length_penalty=1.0, **kwargs):
-        """The LLM's generated token ids after a soft prompt (B x Q x d_LLM, e.g. the P-Former's) and a text
-        prompt. Decoder-only models stop at "\n"; T5 at </s>."""
-        llm, B = self.llm, prompt_embeds.shape[0]
-        prompt = self.config.prompt if prompt is None else prompt
-        prompts = [prompt] * B if isinstance(prompt, str) else list(prompt)
-        # decoder-only: left padding keeps every text prompt right next to the text generated after it
-        t = llm.tokenize(prompts, padding_side="right" if llm.is_encoder_decoder else "left")
-        embeds, attn = self._with_soft_prompt(prompt_embeds, t.to(prompt_embeds.device))
-        return llm.model.generate(inputs_embeds=embeds, attention_mask=attn, num_beams=num_beams,
-                                  max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                  length_penalty=length_penalty, eos_token_id=llm.eos_token_id,
-                                  pad_token_id=llm.tokenizer.pad_token_id, do_sample=False, **kwargs)
+        Keyword arguments as FrozenLLM.generate_tokens."""
+        return self.llm.decode(self.llm.generate_tokens(self.soft_prompt(image), prompt, **kwargs))
 
 
 def split_captions(captions, prompt="", random_split=False):
@@ -854,7 +857,8 @@ def blip2_stage2_from_hf(src, tokenizer=None, dtype="float32", **config_override
             raise ValueError("pass the LLM tokenizer along with an in-memory Blip2ForConditionalGeneration")
         tokenizer = _load_pretrained(AutoTokenizer, src, "tokenizer")
     config = _config_from_hf(hf.config, vit_dtype=dtype, llm_dtype=dtype, llm_model=source, **config_overrides)
-    model = Blip2Stage2(config, llm=FrozenLLM(hf.language_model, tokenizer))
+    llm = FrozenLLM(hf.language_model, tokenizer, config.prompt, config.max_txt_len, config.t5_prefix_split)
+    model = Blip2Stage2(config, llm=llm)
     return _load_from_hf(model, hf, source)
 
 

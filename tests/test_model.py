@@ -50,7 +50,7 @@ def test_decoder_only_logits_loss_and_generation_match_hf():
     hf, tok = tiny.hf_blip2("opt")
     ours = blip2_stage2_from_hf(hf, tokenizer=tok)
     img, caps, Q = images(), CAPTIONS[:2], hf.config.num_query_tokens
-    inputs = ours.llm_inputs(ours.soft_prompt(img), caps)
+    inputs = ours.llm.inputs(ours.soft_prompt(img), caps)
     labels = inputs.pop("labels")
     logits = ours.llm.model(**inputs).logits
     # HF's input: [image token] * Q + BOS + caption + "\n", the image tokens replaced by the projected queries
@@ -64,7 +64,7 @@ def test_decoder_only_logits_loss_and_generation_match_hf():
     close(ours(img, caps)["loss"], ref_loss)
     for beams in (1, 3):
         kw = dict(num_beams=beams, max_new_tokens=6, min_new_tokens=3)
-        got = ours.generate_tokens(ours.soft_prompt(img), **kw)
+        got = ours.llm.generate_tokens(ours.soft_prompt(img), **kw)
         want = hf.generate(pixel_values=img, eos_token_id=ours.llm.eos_token_id, pad_token_id=tok.pad_token_id, **kw)
         assert torch.equal(got, want[:, Q + 1:])  # HF also returns its input ids: Q image tokens + BOS
         assert got.shape[1] >= 3
@@ -81,13 +81,13 @@ def test_t5_loss_and_generation_match_hf():
     y = tok(caps, padding="longest", return_tensors="pt")
     labels = y.input_ids.masked_fill(y.attention_mask == 0, -100)
     ref = hf(pixel_values=img, input_ids=ids, attention_mask=mask, labels=labels)
-    inputs = ours.llm_inputs(ours.soft_prompt(img), caps)
+    inputs = ours.llm.inputs(ours.soft_prompt(img), caps)
     real = y.attention_mask.bool()  # we also mask the decoder's padding, so only real positions compare
     close(ours.llm.model(**inputs).logits[real], ref.logits[real])
     close(ours(img, caps)["loss"], ref.loss)
     for beams in (1, 3):
         kw = dict(num_beams=beams, max_new_tokens=6, min_new_tokens=3)
-        got = ours.generate_tokens(ours.soft_prompt(img), **kw)
+        got = ours.llm.generate_tokens(ours.soft_prompt(img), **kw)
         want = hf.generate(pixel_values=img, input_ids=ids, attention_mask=mask, **kw)
         assert torch.equal(got, want)
 
