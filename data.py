@@ -539,3 +539,16 @@ def image_text_loader(ann_paths, image_roots, shards, transform, batch_size, num
         dataset = ImageTextDataset(ann_paths, image_roots, transform, strict=strict)
     loader, _ = build_loader(dataset, batch_size, num_workers, collate_image_text, seed=seed, shuffle=shuffle)
     return loader
+
+
+def text_loader(paths, shards, batch_size, num_workers, seed=0, shuffle=True):
+    """The text-only DataLoader of P-Former's stage 0: tar `shards` read without images when given, else
+    text files (.txt, one sentence per line) and caption annotations (.json / .jsonl). Batches: {"text", "skipped"}."""
+    if shards:
+        dataset = TarShardDataset(shards, transform=None, seed=seed)
+    else:
+        if not paths:
+            raise ValueError("no text data: give text / annotation files (train_text) or tar shards (train_shards)")
+        dataset = TextDataset(paths)
+    loader, _ = build_loader(dataset, batch_size, num_workers, collate_text, seed=seed, shuffle=shuffle)
+    return loader

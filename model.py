@@ -9,7 +9,8 @@ Read top to bottom:
      32 learned queries and three attention regimes, and BERT's LM head for ITG
   5. Blip2Stage1: image encoder + Q-Former with the ITC, ITM and ITG losses
   6. Blip2Stage2: image encoder + Q-Former + LLM with the LM loss and generation
-  7. loading weights: bert-base-uncased into the Q-Former, official BLIP-2 checkpoints in
+  7. P-Former: the prompt predictor trained on text alone (stage 0), and the alignment loss of stages 1 and 2
+  8. loading weights: bert-base-uncased into the Q-Former, official BLIP-2 checkpoints in
      Hugging Face format (Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval) into stages 2 and 1
 
 Shapes in comments use B = batch, Q = 32 queries, T = text length, N = 257 image tokens, D = 768 (Q-Former).
@@ -17,7 +18,7 @@ Shapes in comments use B = batch, Q = 32 queries, T = text length, N = 257 image
 
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.distributed as dist
@@ -60,6 +61,9 @@ class Blip2Config:
     llm_dtype: str = "float32"  # frozen weights; float16 (OPT) / bfloat16 (FlanT5) on GPU
     prompt: str = ""  # text prompt before the caption in stage 2 (e.g. "a photo of")
     t5_prefix_split: bool = False  # FlanT5: split each caption at a random word into encoder prefix / target
+    # P-Former
+    mask_rate: float = 0.25  # stage 0: BERT input tokens replaced by [MASK]
+    align_weight: float = 10.0  # stages 1 and 2 with a P-Former: 10 in stage 1, 100 in stage 2
 
     @classmethod
     def pick(cls, config):
@@ -123,7 +127,14 @@ def freeze(module):
     return module
 
 
-class FrozenViT(nn.Module):
+class Frozen(nn.Module):
+    """A module that stays in eval mode whatever its parent's train() says (dropout and drop-path off)."""
+
+    def train(self, mode=True):
+        return super().train(False)
+
+
+class FrozenViT(Frozen):
     """The frozen image encoder: a timm ViT truncated to `vit_layers` blocks, final norm removed.
     image B x 3 x 224 x 224 -> B x 257 x 1408 (EVA ViT-g/14), CLS token included.
     Frozen and in eval mode for good; weights in half precision on GPU, LayerNorms in fp32."""
@@ -160,9 +171,6 @@ class FrozenViT(nn.Module):
         self.image_size = config.image_size
         self.width = vit.num_features
 
-    def train(self, mode=True):
-        return super().train(False)  # frozen: dropout and drop-path stay off whatever the caller says
-
     @torch.no_grad()
     def forward(self, image):
         S = self.image_size
@@ -187,7 +195,7 @@ def newline_token_id(tokenizer):
     return tokenizer("\n", add_special_tokens=False).input_ids[-1]  # SentencePiece may put "▁" first
 
 
-class FrozenLLM(nn.Module):
+class FrozenLLM(Frozen):
     """The frozen language model, driven through `inputs_embeds` by a soft prompt (B x Q x d_LLM) in front of
     its text: any Hugging Face decoder-only causal LM (OPT, Llama-family such as SmolLM2 or Qwen) or an
     encoder-decoder FlanT5. Frozen and in eval mode for good. `prompt`: a text prompt after the soft prompt
@@ -212,9 +220,6 @@ class FrozenLLM(nn.Module):
         loader = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         model = _load_pretrained(loader, name, "LLM", dtype=DTYPES[dtype])
         return cls(model, _load_pretrained(AutoTokenizer, name, "LLM tokenizer"), **options)
-
-    def train(self, mode=True):
-        return super().train(False)
 
     def embed(self, ids):
         return self.model.get_input_embeddings()(ids)
@@ -476,19 +481,23 @@ class Blip2Stage1(nn.Module):
     ITC (image-text contrastive), ITM (image-text matching with hard negatives) and ITG (image-grounded
     text generation). `loss = itc + itm + itg`."""
 
-    def __init__(self, config, tokenizer=None, vit=None):
+    def __init__(self, config, tokenizer=None, vit=None, pformer=None):
         super().__init__()
         self.config = c = config
         self.visual = vit if vit is not None else FrozenViT(c)
         self.ln_vision = nn.LayerNorm(self.visual.width, eps=c.ln_vision_eps)
         self.qformer = QFormer(c, image_dim=self.visual.width)
+        # with a P-Former, stage 1 also learns llm_proj (carried into stage 2) by the alignment loss
+        self.pformer = FrozenPFormer(pformer, c.num_query_tokens) if pformer is not None else None
+        self.llm_proj = nn.Linear(c.hidden_size, pformer.llm_dim) if pformer is not None else None
         self.vision_proj = nn.Linear(c.hidden_size, c.embed_dim)
         self.text_proj = nn.Linear(c.hidden_size, c.embed_dim)
         self.itm_head = nn.Linear(c.hidden_size, 2)
         self.itg_head = LMHead(c)
         self.temp = nn.Parameter(torch.tensor(0.07))  # not clamped, as in the official code
-        for m in (self.vision_proj, self.text_proj, self.itm_head):
-            _init_bert_weights(m)
+        for m in (self.vision_proj, self.text_proj, self.itm_head, self.llm_proj):
+            if m is not None:
+                _init_bert_weights(m)
         self.tokenizer = load_qformer_tokenizer(tokenizer if tokenizer is not None else c.bert)
         _check_vocab(c, self.tokenizer)
         self.dec_token_id = self.tokenizer.bos_token_id
@@ -506,10 +515,9 @@ class Blip2Stage1(nn.Module):
                            return_tensors="pt")
         return t.input_ids.to(device, non_blocking=True), t.attention_mask.to(device, non_blocking=True)
 
-    def image_feats(self, image_embeds):
-        """ITC image side: normalised projections of the Q query outputs, B x Q x 256 (+ the query (k, v)s)."""
-        Z, kvs = self.qformer.encode_queries(image_embeds)
-        return F.normalize(self.vision_proj(Z), dim=-1), kvs
+    def image_feats(self, Z):
+        """ITC image side: normalised projections of the Q query outputs Z (B x Q x D), B x Q x 256."""
+        return F.normalize(self.vision_proj(Z), dim=-1)
 
     def text_feats(self, ids, mask):
         """ITC text side: normalised projection of the [CLS] output of the text-only pass, B x 256."""
@@ -532,12 +540,17 @@ class Blip2Stage1(nn.Module):
         ITM negatives independent of the number of ranks. Returns the losses as a dict."""
         ids, mask = self.tokenize(captions, image.device)
         image_embeds = self.image_embeds(image)  # B x N x 1408
-        img, query_kvs = self.image_feats(image_embeds)  # B x Q x 256
+        Z, query_kvs = self.qformer.encode_queries(image_embeds)  # B x Q x D, each layer's query (k, v)
+        img = self.image_feats(Z)  # B x Q x 256
         txt = self.text_feats(ids, mask)  # B x 256
         itc, sim_i2t, sim_t2i = self.itc_loss(img, txt)
         itm = self.itm_loss(image_embeds, ids, mask, sim_i2t, sim_t2i, neg_generator)
         itg = self.itg_loss(ids, mask, query_kvs)
-        return dict(loss=itc + itm + itg, itc=itc, itm=itm, itg=itg)
+        losses = dict(loss=itc + itm + itg, itc=itc, itm=itm, itg=itg)
+        if self.pformer is not None:
+            losses["align"] = self.pformer.align_loss(self.llm_proj(Z), captions)
+            losses["loss"] = losses["loss"] + self.config.align_weight * losses["align"]
+        return losses
 
     def itc_loss(self, img, txt):
         """ITC: similarity = max over the Q queries; both sides gathered from all ranks without gradient;
@@ -602,7 +615,7 @@ class Blip2Stage2(nn.Module):
     """BLIP-2 stage 2: frozen image encoder -> ln_vision -> Q-Former (queries only) -> `llm_proj` ->
     a soft prompt of Q vectors in front of the frozen LLM's input embeddings, trained with the LM loss."""
 
-    def __init__(self, config, llm=None, vit=None):
+    def __init__(self, config, llm=None, vit=None, pformer=None):
         super().__init__()
         self.config = c = config
         self.visual = vit if vit is not None else FrozenViT(c)
@@ -612,6 +625,9 @@ class Blip2Stage2(nn.Module):
             c.llm_model, c.llm_dtype, prompt=c.prompt, max_txt_len=c.max_txt_len, t5_prefix_split=c.t5_prefix_split)
         self.llm_proj = nn.Linear(c.hidden_size, self.llm.dim)
         _init_bert_weights(self.llm_proj)
+        self.pformer = FrozenPFormer(pformer, c.num_query_tokens) if pformer is not None else None
+        if pformer is not None and pformer.llm_dim != self.llm.dim:
+            raise ValueError(f"the P-Former predicts prompts of width {pformer.llm_dim}, the LLM takes {self.llm.dim}")
 
     def load_stage1(self, state_dict, source):
         """Start from stage 1's trainable weights: ln_vision and the Q-Former's query path (and llm_proj when
@@ -630,9 +646,13 @@ class Blip2Stage2(nn.Module):
         return self.llm_proj(Z)
 
     def forward(self, image, captions):
-        """LM loss of the captions given the image: {"loss", "lm"}."""
-        lm = self.llm.lm_loss(self.soft_prompt(image), captions)
-        return dict(loss=lm, lm=lm)
+        """LM loss of the captions given the image: {"loss", "lm"} (+ "align" with a P-Former)."""
+        prompt = self.soft_prompt(image)
+        lm = self.llm.lm_loss(prompt, captions)
+        if self.pformer is None:
+            return dict(loss=lm, lm=lm)
+        align = self.pformer.align_loss(prompt, captions)
+        return dict(loss=lm + self.config.align_weight * align, lm=lm, align=align)
 
     @torch.no_grad()
     def generate(self, image, prompt=None, **kwargs):
@@ -658,7 +678,151 @@ def split_captions(captions, prompt="", random_split=False):
 
 
 # -----------------------------------------------------------------------------
-# 7. loading weights by explicit key maps, with shape checks
+# 7. P-Former
+
+
+class PFormer(nn.Module):
+    """The prompt predictor: a BERT encoder (the Q-Former's blocks, without queries and cross-attention) whose
+    last-layer [CLS] predicts the soft prompt that makes the frozen LLM reproduce the sentence:
+    [CLS] -> cls_proj -> Q prompt vectors -> Linear + Tanh -> llm_proj -> B x Q x d_LLM, the "ideal prompt".
+    Plus text_proj and temp for the contrastive term of stage 0."""
+
+    def __init__(self, config, llm_dim, tokenizer=None):
+        super().__init__()
+        c = self.config = config
+        self.tokenizer = load_qformer_tokenizer(tokenizer if tokenizer is not None else c.bert)
+        self.encoder = QFormer(replace(c, num_query_tokens=0))
+        self.num_prompts, self.llm_dim = c.num_query_tokens, llm_dim
+        self.cls_proj = nn.Linear(c.hidden_size, c.num_query_tokens * c.hidden_size)
+        self.prompt_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.llm_proj = nn.Linear(c.hidden_size, llm_dim)
+        self.text_proj = nn.Linear(c.hidden_size, c.embed_dim)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        for m in (self.cls_proj, self.prompt_proj, self.llm_proj, self.text_proj):
+            _init_bert_weights(m)
+        if c.qformer_init_from_bert:
+            sd, source = _bert_state_dict(c.bert)
+            _copy_weights(self, bert_to_qformer(sd, self.encoder, prefix="encoder."), source, "BERT weights")
+
+    def tokenize(self, texts, device):
+        """BERT tokens of text + "\n" (the LLM's target; BERT reads the newline as a space), at most max_txt_len."""
+        t = self.tokenizer([text + "\n" for text in texts], padding="longest", truncation=True,
+                           max_length=self.config.max_txt_len, return_tensors="pt")
+        return t.input_ids.to(device, non_blocking=True), t.attention_mask.to(device, non_blocking=True)
+
+    def forward(self, ids, mask):
+        """-> (prompts B x Q x d_LLM, [CLS] output B x D). The prompt count is num_query_tokens, whatever the
+        text length (the official code reshapes by the text length, right only when both are 32)."""
+        cls = self.encoder.encode_text(ids, mask)[:, 0]
+        prompts = self.cls_proj(cls).view(ids.shape[0], self.num_prompts, -1)  # B x Q x D
+        return self.llm_proj(torch.tanh(self.prompt_proj(prompts))), cls
+
+    @classmethod
+    def from_checkpoint(cls, state, source):
+        """The P-Former of a stage-0 checkpoint (train_pformer.py). Every weight must be there, under the
+        expected name and shape: a mismatch fails here instead of aligning to a half-random P-Former."""
+        config = replace(Blip2Config.pick(state["config"]), qformer_init_from_bert=False)
+        weights = {k.removeprefix("pformer."): v for k, v in state["model"].items() if k.startswith("pformer.")}
+        if "llm_proj.weight" not in weights:
+            raise ValueError(f"{source} is not a P-Former checkpoint: no pformer.llm_proj.weight")
+        pformer = cls(config, weights["llm_proj.weight"].shape[0])
+        missing = sorted(set(dict(pformer.named_parameters())) - set(weights))
+        if missing:
+            raise ValueError(f"{source}: P-Former weights missing: {', '.join(missing[:5])}")
+        _copy_weights(pformer, weights, source, "P-Former weights")
+        return pformer
+
+
+class FrozenPFormer(Frozen):
+    """A trained P-Former as the teacher of stages 1 and 2: frozen, in eval mode for good, never masked.
+    loss_align = MSE(llm_proj(Z), P-Former(caption + "\n")), element-wise mean, no normalisation."""
+
+    def __init__(self, pformer, num_query_tokens):
+        super().__init__()
+        if pformer.num_prompts != num_query_tokens:
+            raise ValueError(f"the P-Former predicts {pformer.num_prompts} prompt vectors, "
+                             f"the Q-Former has {num_query_tokens} queries")
+        self.pformer = freeze(pformer)
+        self.llm_dim = pformer.llm_dim
+
+    @torch.no_grad()
+    def target(self, captions, device):
+        return self.pformer(*self.pformer.tokenize(captions, device))[0]  # B x Q x d_LLM
+
+    def align_loss(self, prompts, captions):
+        return F.mse_loss(prompts.float(), self.target(captions, prompts.device).float())
+
+
+def mask_tokens(ids, mask, mask_token_id, rate, generator=None):
+    """P-Former's input masking: each real token except [CLS] becomes [MASK] with probability `rate`
+    ([PAD] never; the LLM still has to reproduce the clean sentence)."""
+    draw = torch.rand(ids.shape, device=ids.device, generator=generator) < rate
+    maskable = mask.bool() & (torch.arange(ids.shape[1], device=ids.device) > 0)
+    return ids.masked_fill(draw & maskable, mask_token_id)
+
+
+def nearest_embeddings(x, table, chunk=8192):
+    """Index of the nearest row of `table` (V x d) for each row of x (N x d), in L2 distance, computed chunk
+    by chunk of the vocabulary in fp32: ||x - e||^2 = ||x||^2 - 2 x.e + ||e||^2 with ||x||^2 dropped.
+    Memory N x chunk; no N x V one-hot (the official code's dense matmul costs ~2 TFLOP a step)."""
+    x = x.float()
+    best = torch.full((x.shape[0],), float("inf"), device=x.device)
+    index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    with torch.autocast(x.device.type, enabled=False):
+        for start in range(0, table.shape[0], chunk):
+            e = table[start: start + chunk].float()
+            dist = e.square().sum(1) - 2 * x @ e.t()  # N x chunk
+            value, arg = dist.min(1)
+            better = value < best
+            best = torch.where(better, value, best)
+            index = torch.where(better, arg + start, index)
+    return index
+
+
+class PFormerStage0(nn.Module):
+    """P-Former pre-training on text alone: from a (25% masked) sentence, predict a soft prompt that makes
+    the frozen LLM reproduce the clean sentence. loss = loss_c (contrastive, pushes sentences apart)
+    + loss_vq (commitment of each prompt vector to its nearest LLM token embedding) + loss_lm.
+    With FlanT5: no masking and no VQ; the LLM's t5_prefix_split decides the prefix / target split."""
+
+    def __init__(self, config, llm=None):
+        super().__init__()
+        c = self.config = config
+        self.llm = llm if llm is not None else FrozenLLM.from_pretrained(
+            c.llm_model, c.llm_dtype, prompt=c.prompt, max_txt_len=c.max_txt_len, t5_prefix_split=c.t5_prefix_split)
+        self.pformer = PFormer(c, self.llm.dim)
+
+    def forward(self, texts, mask_generator=None):
+        device = self.pformer.llm_proj.weight.device
+        ids, mask = self.pformer.tokenize(texts, device)
+        t5 = self.llm.is_encoder_decoder
+        if not t5:
+            ids = mask_tokens(ids, mask, self.pformer.tokenizer.mask_token_id, self.config.mask_rate, mask_generator)
+        prompts, cls = self.pformer(ids, mask)  # B x Q x d_LLM, B x D
+        loss_c = self.contrastive_loss(cls)
+        loss_vq = prompts.new_zeros(()) if t5 else self.vq_loss(prompts)
+        loss_lm = self.llm.lm_loss(prompts, texts)
+        return dict(loss=loss_c + loss_vq + loss_lm, c=loss_c, vq=loss_vq, lm=loss_lm)
+
+    def contrastive_loss(self, cls):
+        """Each sentence against all sentences of the global batch (gathered without gradient), one view,
+        target = itself; cross-entropy with label smoothing 0.1."""
+        rank, _ = _world()
+        f = F.normalize(self.pformer.text_proj(cls), dim=-1)  # B x 256
+        sim = f @ gather_no_grad(f).t() / self.pformer.temp  # B x (B * world)
+        targets = torch.arange(f.shape[0], device=f.device) + rank * f.shape[0]
+        return F.cross_entropy(sim.float(), targets, label_smoothing=0.1)
+
+    def vq_loss(self, prompts):
+        """MSE between each prompt vector and its nearest LLM input embedding, the latter detached: a commitment
+        term only (the continuous prompts are what the LLM reads). The table is the frozen LLM's own, read in place."""
+        table = self.llm.model.get_input_embeddings().weight.detach()  # V x d_LLM
+        flat = prompts.reshape(-1, prompts.shape[-1])
+        return F.mse_loss(flat.float(), table[nearest_embeddings(flat.detach(), table)].float())
+
+
+# -----------------------------------------------------------------------------
+# 8. loading weights by explicit key maps, with shape checks
 
 
 def _copy_weights(model, mapping, source, what):

@@ -13,7 +13,7 @@ import torch
 import train_common as tc
 from configurator import apply_overrides, config_snapshot
 from data import image_text_loader, train_transform, eval_transform
-from model import Blip2Config, Blip2Stage1
+from model import Blip2Config, Blip2Stage1, PFormer
 
 # -----------------------------------------------------------------------------
 # default config: the P-Former paper's stage 1 on 4M pairs (COCO + VG + CC3M + SBU), ViT-g, batch 8 x 128
@@ -36,6 +36,9 @@ val_ann = ["data/coco/annotations/coco_karpathy_val.json"]
 val_image_roots = ["data/coco/images"]
 strict_images = False  # True: an unreadable image stops the run; False: skipped with a warning and counted
 num_workers = 8
+# P-Former alignment (SPEC.md section 5): a stage-0 checkpoint of train_pformer.py; "" = plain BLIP-2
+pformer_ckpt = ""
+align_weight = 10.0  # the paper's weight in stage 1
 # model (the names of model.Blip2Config)
 vit_model = "eva_giant_patch14_clip_224"
 vit_layers = 39
@@ -80,7 +83,10 @@ config = config_snapshot(globals())
 dist_info = tc.setup_distributed(device)
 tc.seed_everything(seed, dist_info.rank)
 
-model = Blip2Stage1(Blip2Config.pick(config)).to(dist_info.device)
+pformer = None
+if pformer_ckpt:  # the frozen teacher of the alignment loss
+    pformer = PFormer.from_checkpoint(tc.load_checkpoint(pformer_ckpt, expect_stage=0), pformer_ckpt)
+model = Blip2Stage1(Blip2Config.pick(config), pformer=pformer).to(dist_info.device)
 if dist_info.master:
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"stage 1: {n_trainable / 1e6:.1f}M trainable parameters")

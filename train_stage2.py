@@ -11,7 +11,7 @@ import sys
 import train_common as tc
 from configurator import apply_overrides, config_snapshot
 from data import image_text_loader, train_transform, eval_transform
-from model import Blip2Config, Blip2Stage2
+from model import Blip2Config, Blip2Stage2, PFormer
 
 # -----------------------------------------------------------------------------
 # default config: the P-Former paper's stage 2 on 4M pairs, ViT-g + OPT-2.7b, batch 8 x 128
@@ -35,6 +35,9 @@ val_ann = ["data/coco/annotations/coco_karpathy_val.json"]
 val_image_roots = ["data/coco/images"]
 strict_images = False
 num_workers = 8
+# P-Former alignment (SPEC.md section 5): a stage-0 checkpoint of train_pformer.py; "" = plain BLIP-2
+pformer_ckpt = ""
+align_weight = 100.0  # the paper's weight in stage 2
 # model (the names of model.Blip2Config; the Q-Former sizes must match stage 1's)
 vit_model = "eva_giant_patch14_clip_224"
 vit_layers = 39
@@ -79,7 +82,10 @@ config = config_snapshot(globals())
 dist_info = tc.setup_distributed(device)
 tc.seed_everything(seed, dist_info.rank)
 
-model = Blip2Stage2(Blip2Config.pick(config))
+pformer = None
+if pformer_ckpt:  # the frozen teacher of the alignment loss
+    pformer = PFormer.from_checkpoint(tc.load_checkpoint(pformer_ckpt, expect_stage=0), pformer_ckpt)
+model = Blip2Stage2(Blip2Config.pick(config), pformer=pformer)
 if init_from == "scratch" and stage1_ckpt:
     model.load_stage1(tc.load_checkpoint(stage1_ckpt, expect_stage=1)["model"], stage1_ckpt)
 elif init_from == "scratch" and dist_info.master:

@@ -111,7 +111,7 @@ def test_itc_and_itm_match_hf_retrieval(bert):
     t = tok(CAPTIONS[:3], padding="max_length", max_length=16, return_tensors="pt")
     itc = hf(pixel_values=img, input_ids=t.input_ids, attention_mask=t.attention_mask).logits_per_image  # 2 x 3
     embeds = ours.image_embeds(img)
-    img_feats, _ = ours.image_feats(embeds)
+    img_feats = ours.image_feats(ours.qformer.encode_queries(embeds)[0])
     close(ours.similarity(img_feats, ours.text_feats(t.input_ids, t.attention_mask)), itc)
     t2 = tok(CAPTIONS[:2], padding="max_length", max_length=16, return_tensors="pt")
     itm = hf(pixel_values=img, input_ids=t2.input_ids, attention_mask=t2.attention_mask,
