@@ -114,7 +114,7 @@ def byte_tokenizer(directory=None, t5=False):
 
     specials = ["<pad>", "</s>", "<unk>"] if t5 else ["<s>", "<pad>", "</s>", "<unk>"]
     vocab = {t: i for i, t in enumerate(specials)}
-    for ch in pre_tokenizers.ByteLevel.alphabet():
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # alphabet() comes in a different order each call
         vocab[ch] = len(vocab)
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -129,14 +129,18 @@ def byte_tokenizer(directory=None, t5=False):
 
 
 def pretrain_llm(llm, tok, texts, steps=300, batch_size=32, lr=3e-3, seed=0):
-    """A few hundred steps of next-token prediction on the world's sentences (each ending in "\n", as in
-    stage 2), so that the frozen LLM of the tiny runs speaks the world's language."""
+    """A few hundred steps of next-token prediction on the world's sentences, so that the frozen LLM of the tiny
+    runs speaks the world's language. Each sample runs 1 to 3 sentences, each ending in "\n" as in stage 2,
+    so that a sentence may start anywhere (after a soft prompt, say), not only at position 0."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(llm.parameters(), lr=lr)
     llm.train()
     for _ in range(steps):
-        idx = torch.randint(len(texts), (batch_size,), generator=g).tolist()
-        t = tok([texts[i] + "\n" for i in idx], padding="longest", return_tensors="pt")
+        samples = []
+        for _ in range(batch_size):
+            idx = torch.randint(len(texts), (int(torch.randint(1, 4, (), generator=g)),), generator=g).tolist()
+            samples.append("".join(texts[i] + "\n" for i in idx))
+        t = tok(samples, padding="longest", return_tensors="pt")
         labels = t.input_ids.masked_fill(t.attention_mask == 0, -100)
         loss = llm(**t, labels=labels).loss
         opt.zero_grad()

@@ -21,7 +21,7 @@ num_heads = 4
 intermediate_size = 128
 vocab_size = 131  # the tiny BERT's 130 tokens + [DEC]
 embed_dim = 32
-max_txt_len = 16
+max_txt_len = 40  # the tiny LLM reads bytes: a caption is up to ~35 tokens
 # training
 batch_size = 16
 max_steps = 60
