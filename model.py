@@ -717,6 +717,15 @@ class PFormer(nn.Module):
         prompts = self.cls_proj(cls).view(ids.shape[0], self.num_prompts, -1)  # B x Q x D
         return self.llm_proj(torch.tanh(self.prompt_proj(prompts))), cls
 
+    def contrastive_loss(self, cls):
+        """Stage 0's loss_c: each sentence against all sentences of the global batch (gathered without gradient),
+        one view, target = itself; cross-entropy with label smoothing 0.1."""
+        rank, _ = _world()
+        f = F.normalize(self.text_proj(cls), dim=-1)  # B x 256
+        sim = f @ gather_no_grad(f).t() / self.temp  # B x (B * world)
+        targets = torch.arange(f.shape[0], device=f.device) + rank * f.shape[0]
+        return F.cross_entropy(sim.float(), targets, label_smoothing=0.1)
+
     @classmethod
     def from_checkpoint(cls, state, source):
         """The P-Former of a stage-0 checkpoint (train_pformer.py). Every weight must be there, under the
@@ -799,19 +808,10 @@ class PFormerStage0(nn.Module):
         if not t5:
             ids = mask_tokens(ids, mask, self.pformer.tokenizer.mask_token_id, self.config.mask_rate, mask_generator)
         prompts, cls = self.pformer(ids, mask)  # B x Q x d_LLM, B x D
-        loss_c = self.contrastive_loss(cls)
+        loss_c = self.pformer.contrastive_loss(cls)
         loss_vq = prompts.new_zeros(()) if t5 else self.vq_loss(prompts)
         loss_lm = self.llm.lm_loss(prompts, texts)
         return dict(loss=loss_c + loss_vq + loss_lm, c=loss_c, vq=loss_vq, lm=loss_lm)
-
-    def contrastive_loss(self, cls):
-        """Each sentence against all sentences of the global batch (gathered without gradient), one view,
-        target = itself; cross-entropy with label smoothing 0.1."""
-        rank, _ = _world()
-        f = F.normalize(self.pformer.text_proj(cls), dim=-1)  # B x 256
-        sim = f @ gather_no_grad(f).t() / self.pformer.temp  # B x (B * world)
-        targets = torch.arange(f.shape[0], device=f.device) + rank * f.shape[0]
-        return F.cross_entropy(sim.float(), targets, label_smoothing=0.1)
 
     def vq_loss(self, prompts):
         """MSE between each prompt vector and its nearest LLM input embedding, the latter detached: a commitment
