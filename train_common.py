@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------------------------------------------------------
@@ -350,7 +351,7 @@ def train(*, model, loss_fn, loader, val_loader, cfg, dist_info, stage, generato
     if dist_info.ddp:
         model = DDP(model, device_ids=[dist_info.local_rank] if device.startswith('cuda') else None)
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
-    flops_per_sample = getattr(raw_model, 'flops_per_sample', None)
+    flops_per_sample = None  # counted on the first step: frozen forwards, the backward to the soft prompt, all
 
     def save():
         """Every rank's torch RNG state goes in, so that a resumed run draws the same dropout and crops."""
@@ -387,10 +388,18 @@ def train(*, model, loss_fn, loader, val_loader, cfg, dist_info, stage, generato
             last = micro == cfg['grad_accum'] - 1
             # DDP all-reduces gradients only on the last micro-step
             sync = model.no_sync() if dist_info.ddp and not last else nullcontext()
-            with sync, autocast_context(device, cfg['dtype']):
-                losses = loss_fn(model, batch)
-            with sync:
-                scaler.scale(losses['loss'] / cfg['grad_accum']).backward()
+            # the first micro-step runs under torch's FLOP counter (matmuls and attention, forward and backward);
+            # under torch.compile it would see no ops, so compiled runs report no MFU
+            count = FlopCounterMode(display=False) if flops_per_sample is None and not cfg['compile'] else None
+            with count or nullcontext():
+                with sync, autocast_context(device, cfg['dtype']):
+                    losses = loss_fn(model, batch)
+                with sync:
+                    scaler.scale(losses['loss'] / cfg['grad_accum']).backward()
+            if count is not None:
+                flops_per_sample = count.get_total_flops() / len(batch['text'])
+                if master:
+                    print(f"training step: {flops_per_sample / 1e9:.3g} GFLOP per sample (torch.utils.flop_counter)")
         if cfg['grad_clip'] > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(trainable, cfg['grad_clip'])
@@ -403,7 +412,7 @@ def train(*, model, loss_fn, loader, val_loader, cfg, dist_info, stage, generato
             samples_per_sec = cfg['log_interval'] * cfg['grad_accum'] * cfg['batch_size'] / dt
             logger.log(step, {**{k: v.detach().float() for k, v in losses.items()}, 'lr': lr,
                               'samples_per_sec': samples_per_sec, 'skipped': skipped, 'epoch': epoch,
-                              'mfu': mfu(flops_per_sample(), samples_per_sec, device) if flops_per_sample else None})
+                              'mfu': mfu(flops_per_sample, samples_per_sec, device) if flops_per_sample else None})
             t0 = time.time()
         if val_loader is not None and (step % cfg['eval_interval'] == 0 or step == cfg['max_steps']):
             with preserved_rng(generators.values()):  # validation must not change what training draws next

@@ -7,7 +7,7 @@ from transformers import BertForMaskedLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 import tiny
-from model import (Blip2Stage1, Blip2Stage2, FrozenLLM, FrozenViT, blip2_stage1_from_hf, blip2_stage2_from_hf,
+from model import (Blip2Stage1, FrozenLLM, FrozenViT, blip2_stage1_from_hf, blip2_stage2_from_hf, init_from_bert,
                    sample_negatives, split_captions)
 
 TOL = 1e-5
@@ -46,8 +46,9 @@ def test_vision_and_qformer_match_hf(stage2_pair):
     close(Z, hf.get_image_features(img).qformer_outputs.last_hidden_state)  # B x 8 x 64
 
 
-def test_decoder_only_logits_loss_and_generation_match_hf():
-    hf, tok = tiny.hf_blip2("opt")
+@pytest.mark.parametrize("text", ["opt", "llama"])
+def test_decoder_only_logits_loss_and_generation_match_hf(text):
+    hf, tok = tiny.hf_blip2(text)
     ours = blip2_stage2_from_hf(hf, tokenizer=tok)
     img, caps, Q = images(), CAPTIONS[:2], hf.config.num_query_tokens
     inputs = ours.llm.inputs(ours.soft_prompt(img), caps)
@@ -134,6 +135,19 @@ def test_bert_init_reproduces_bert(bert):
     assert torch.equal(layer.ffn_query.fc1.weight, layer.ffn_text.fc1.weight)
     assert torch.equal(layer.ffn_text.fc1.weight, ref.bert.encoder.layer[0].intermediate.dense.weight)
     assert ours.tokenizer.convert_tokens_to_ids("[DEC]") == ours.dec_token_id == V
+
+
+def test_bert_init_from_an_in_memory_bert_model(bert):
+    """A BertModel object (no MLM head): the encoder loads, the ITG head keeps its fresh init."""
+    ref = BertForMaskedLM.from_pretrained(bert).bert.eval()
+    ours = Blip2Stage1(tiny.our_config(bert, qformer_init_from_bert=False))
+    head = ours.itg_head.dense.weight.clone()
+    init_from_bert(ours, ref)
+    t = ours.tokenizer(CAPTIONS, padding="longest", return_tensors="pt")
+    real = t.attention_mask.bool()
+    close(ours.qformer.encode_text(t.input_ids, t.attention_mask)[real],
+          ref(t.input_ids, attention_mask=t.attention_mask).last_hidden_state[real])
+    assert torch.equal(ours.itg_head.dense.weight, head)
 
 
 # ---------------------------------------------------------------- masks
@@ -240,7 +254,7 @@ def test_stage1_losses_gradients_and_overfit(bert):
     assert last["itg"] < 0.5 * first["itg"] and last["itc"] < first["itc"], (first, last)
 
 
-@pytest.mark.parametrize("text,factor", [("opt", 0.5), ("t5", 0.7)])  # a random T5 listens less to its encoder
+@pytest.mark.parametrize("text,factor", [("opt", 0.5), ("llama", 0.5), ("t5", 0.7)])  # a random T5 listens less to its encoder
 def test_stage2_loss_gradients_and_overfit(text, factor):
     hf, tok = tiny.hf_blip2(text)
     model = blip2_stage2_from_hf(hf, tokenizer=tok).train()

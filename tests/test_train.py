@@ -49,7 +49,8 @@ def weights(out_dir):
 
 def test_stage1_then_stage2_learn(tiny_world, tmp_path):
     s1, s2 = str(tmp_path / "s1"), str(tmp_path / "s2")
-    run(1, tiny_world, s1, "--max_steps=40", "--lr_decay_steps=40", "--log_interval=5", "--eval_interval=20")
+    p = run(1, tiny_world, s1, "--max_steps=40", "--lr_decay_steps=40", "--log_interval=5", "--eval_interval=20")
+    assert "GFLOP per sample" in p.stdout  # counted on the first step, for MFU on GPUs
     train = [r for r in log(s1) if "loss" in r]
     assert {"itc", "itm", "itg", "lr", "samples_per_sec", "skipped"} <= set(train[0])
     assert train[-1]["loss"] < 0.85 * train[0]["loss"], (train[0], train[-1])

@@ -6,7 +6,7 @@ format when a directory is needed, and loaded through the same code paths as the
 import torch
 from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval,
                           Blip2QFormerConfig, Blip2VisionConfig, BertConfig, BertForMaskedLM, BertTokenizerFast,
-                          OPTConfig, T5Config)
+                          LlamaConfig, OPTConfig, T5Config)
 
 from model import Blip2Config as OurConfig
 from world import bert_tokenizer, byte_tokenizer
@@ -41,6 +41,11 @@ def hf_blip2_config(text="opt", bert_vocab=None, vocab=None, num_query_tokens=8)
                                 vocab_size=vocab, max_position_embeddings=128, word_embed_proj_dim=HIDDEN,
                                 dropout=0.0, attention_dropout=0.0, init_std=INIT_STD, pad_token_id=1, bos_token_id=2, eos_token_id=2)
         image_token_index = vocab - 1
+    elif text == "llama":  # the Llama family (SmolLM2, Qwen-like): RoPE, RMSNorm, SwiGLU, grouped KV heads
+        text_config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128,
+                                  initializer_range=INIT_STD, pad_token_id=1, bos_token_id=2, eos_token_id=2)
+        image_token_index = vocab - 1
     elif text == "t5":
         text_config = T5Config(vocab_size=vocab, d_model=HIDDEN, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
                                dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
@@ -56,7 +61,7 @@ def hf_blip2_config(text="opt", bert_vocab=None, vocab=None, num_query_tokens=8)
 
 
 def hf_blip2(text="opt", seed=0):
-    """(tiny random Blip2ForConditionalGeneration with an OPT or T5 LLM, its LLM tokenizer)."""
+    """(tiny random Blip2ForConditionalGeneration with an OPT, Llama or T5 LLM, its LLM tokenizer)."""
     torch.manual_seed(seed)
     tok = byte_tokenizer(t5=text == "t5")
     model = Blip2ForConditionalGeneration(hf_blip2_config(text, vocab=len(tok) + 1))
