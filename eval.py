@@ -126,15 +126,18 @@ def gqa_accuracy(pred, answer):
     return float(normalize_vqa_answer(pred) == answer)
 
 
+def _check_prediction_ids(predictions, known, what):
+    """Every prediction must belong to a known id: a wrong key type (int vs str) would otherwise score zero silently."""
+    unknown = [i for i in predictions if i not in known]
+    if unknown and len(unknown) == len(predictions):
+        raise ValueError(f"none of {len(predictions)} predictions matches one of {len(known)} ids (int vs str keys?)")
+    if unknown:
+        raise ValueError(f"{len(unknown)} predictions have {what}, e.g. {unknown[0]!r}")
+
+
 def _accuracy_table(predictions, questions, score):
     """Accuracy in percent, overall and per answer type, of predictions {question_id: answer} on loaded questions."""
-    known = {q["question_id"] for q in questions}
-    unknown = [qid for qid in predictions if qid not in known]
-    if len(unknown) == len(predictions):
-        raise ValueError(f"none of {len(predictions)} predictions matches one of {len(questions)} question ids "
-                         f"(int vs str keys?)")
-    if unknown:
-        raise ValueError(f"{len(unknown)} predictions have question ids not in the annotations, e.g. {unknown[0]!r}")
+    _check_prediction_ids(predictions, {q["question_id"] for q in questions}, "question ids not in the annotations")
     sums, counts = {"overall": 0.0}, {"overall": 0}
     missing = empty = 0
     for q in questions:
@@ -397,12 +400,7 @@ def caption_metrics(predictions, references):
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    unknown = [i for i in predictions if i not in references]
-    if len(unknown) == len(predictions):
-        raise ValueError(f"none of {len(predictions)} predictions matches one of {len(references)} image ids "
-                         f"(int vs str keys?)")
-    if unknown:
-        raise ValueError(f"{len(unknown)} predictions have image ids without references, e.g. {unknown[0]!r}")
+    _check_prediction_ids(predictions, references, "image ids without references")
     ids = [i for i in references if i in predictions]
     for i in ids:
         if not isinstance(predictions[i], str):
