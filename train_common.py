@@ -349,7 +349,9 @@ def train(*, model, loss_fn, loader, val_loader, cfg, dist_info, stage, generato
     if cfg['compile']:
         model = torch.compile(model)
     if dist_info.ddp:
-        model = DDP(model, device_ids=[dist_info.local_rank] if device.startswith('cuda') else None)
+        # broadcast_buffers=False: the buffers here are constants (position ids, RoPE tables), no BatchNorm stats
+        model = DDP(model, device_ids=[dist_info.local_rank] if device.startswith('cuda') else None,
+                    broadcast_buffers=False)
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
     flops_per_sample = None  # counted on the first step: frozen forwards, the backward to the soft prompt, all
 

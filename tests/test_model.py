@@ -326,3 +326,31 @@ def test_checkpoint_that_does_not_fit(bert):
     hf.register_parameter("extra_head", torch.nn.Parameter(torch.zeros(1)))
     with pytest.raises(ValueError, match=r"checkpoint keys with no place in this model: extra_head"):
         blip2_stage1_from_hf(hf, tokenizer=bert)
+
+
+def test_clip_vit_l_variant_keeps_ln_pre_and_drops_the_last_block(bert):
+    """CLIP ViT-L/14 (QuickGELU, ln_pre): BLIP-2 keeps 23 of 24 blocks and no ln_post; here 2 of 3, tiny."""
+    c = tiny.our_config(bert, vit_model="vit_large_patch14_clip_quickgelu_224", vit_layers=2,
+                        vit_kwargs=dict(patch_size=14, embed_dim=64, depth=3, num_heads=4))
+    vit = FrozenViT(c)
+    assert len(vit.vit.blocks) == 2 and isinstance(vit.vit.norm, torch.nn.Identity)
+    assert isinstance(vit.vit.norm_pre, torch.nn.LayerNorm)
+    x = images()
+    h = vit.vit.norm_pre(vit.vit._pos_embed(vit.vit.patch_embed(x)))
+    for block in vit.vit.blocks:
+        h = block(h)
+    close(vit(x), h)  # the raw output of the last kept block, CLS included: B x 5 x 64
+
+
+def test_half_precision_frozen_vit(bert):
+    """Frozen weights in half precision, LayerNorm parameters in fp32, run under autocast (bf16 on CPU here)."""
+    full = FrozenViT(tiny.our_config(bert))
+    torch.manual_seed(0)
+    half = FrozenViT(tiny.our_config(bert, vit_dtype="bfloat16"))
+    half.vit.load_state_dict({k: v.to(half.vit.state_dict()[k].dtype) for k, v in full.vit.state_dict().items()})
+    assert half.vit.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert half.vit.blocks[0].norm1.weight.dtype == torch.float32
+    x = images()
+    out = half(x)
+    assert out.dtype == torch.bfloat16 and out.shape == full(x).shape
+    assert (out.float() - full(x)).abs().max() < 0.1 * full(x).abs().max()
