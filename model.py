@@ -16,6 +16,7 @@ Read top to bottom:
 Shapes in comments use B = batch, Q = 32 queries, T = text length, N = 257 image tokens, D = 768 (Q-Former).
 """
 
+import inspect
 import math
 import re
 from dataclasses import dataclass, field, fields, replace
@@ -170,9 +171,14 @@ class FrozenViT(Frozen):
         self.dtype = dtype
         self.image_size = config.image_size
         self.width = vit.num_features
+        self.num_tokens = vit.patch_embed.num_patches + vit.num_prefix_tokens  # 257 for ViT-g/14 at 224 px
 
     @torch.no_grad()
     def forward(self, image):
+        """image: B x 3 x S x S -> B x N x width. Features this encoder computed earlier (B x N x width) pass
+        through unchanged: a run without augmentation can precompute them once and skip the encoder (speed)."""
+        if image.ndim == 3 and tuple(image.shape[1:]) == (self.num_tokens, self.width):
+            return image
         S = self.image_size
         if image.ndim != 4 or tuple(image.shape[1:]) != (3, S, S):
             raise ValueError(f"expected images of shape B x 3 x {S} x {S}, got {tuple(image.shape)}")
@@ -210,6 +216,8 @@ class FrozenLLM(Frozen):
         self.is_encoder_decoder = bool(hf_model.config.is_encoder_decoder)
         self.eos_token_id = tokenizer.eos_token_id if self.is_encoder_decoder else newline_token_id(tokenizer)
         self.dim = hf_model.get_input_embeddings().embedding_dim
+        # HF causal LMs that take `logits_to_keep` (OPT, Llama, Qwen2, ...) compute the LM head on chosen positions
+        self._keeps_logits = "logits_to_keep" in inspect.signature(hf_model.forward).parameters
         self.prompt, self.max_txt_len, self.t5_prefix_split = prompt, max_txt_len, t5_prefix_split
 
     @classmethod
@@ -262,6 +270,14 @@ class FrozenLLM(Frozen):
         if self.is_encoder_decoder:
             return self.model(**inputs).loss
         labels = inputs.pop("labels")
+        Q, L = prompt_embeds.shape[1], labels.shape[1]
+        if self._keeps_logits:
+            # speed: the LM head (d_LLM x V) and the softmax only where a text token is predicted, positions
+            # Q-1 .. L-2 (the soft prompt's own positions predict nothing): B x T x V instead of B x (Q + T) x V.
+            # No KV cache either: nothing is generated.
+            keep = torch.arange(Q - 1, L - 1, device=labels.device)
+            logits = self.model(**inputs, logits_to_keep=keep, use_cache=False).logits  # B x T x V
+            return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, Q:].flatten(), ignore_index=-100)
         logits = self.model(**inputs).logits  # B x (Q + T) x V
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
