@@ -1,0 +1,100 @@
+"""bench.py at the tiny size: every stage runs in seconds and prints its fields, the FLOP accounting adds up, the HF
+reference computes the same loss, and the cached-feature path equals the image path."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def tiny_bench(monkeypatch):
+    """bench's config set to the tiny size, restored after the test."""
+    for key, value in dict(size="tiny", batch_size=4, steps=1, warmup=1, device="cpu", dtype="float32",
+                           compare_hf=True, compile=False, cache=False, threads=1).items():
+        monkeypatch.setattr(bench, key, value)
+    return bench
+
+
+def test_cli_runs_every_stage_and_prints_the_fields():
+    cmd = [sys.executable, "bench.py", "--size=tiny", "--steps=2", "--warmup=1", "--batch_size=4", "--threads=1",
+           "--device=cpu", "--dtype=float32"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = p.stdout
+    blocks = re.split(r"\n=== ", out)[1:]
+    assert [b.split(",")[0] for b in blocks] == ["stage 0", "stage 1", "stage 2"]
+    for b in blocks:
+        for field in ("samples/s", "data", "forward", "backward", "optimizer", "forward by part", "GFLOP per sample",
+                      "MFU", "peak memory"):
+            assert field in b, (field, b)
+    assert "VQ term" in blocks[0] and "of the stage-0 step" in blocks[0]
+    assert "vit" in blocks[1] and "q-former" in blocks[1]
+    assert "ours / HF step time" in blocks[2]
+    ours, theirs = map(float, re.search(r"our loss ([\d.]+), HF loss ([\d.]+)", blocks[2]).groups())
+    assert abs(ours - theirs) < 1e-4
+
+
+def test_bad_stage_and_size_fail(tiny_bench):
+    tiny_bench.size = "huge"
+    with pytest.raises(ValueError, match="size must be one of tiny, small, real|size must be"):
+        tiny_bench.main()
+    tiny_bench.size, tiny_bench.stage = "tiny", 3
+    with pytest.raises(ValueError, match="stage must be"):
+        tiny_bench.main()
+
+
+def test_flops_by_part_stage2(tiny_bench):
+    (r,) = [tiny_bench.bench_stage(2)]
+    flops = r["flops"]
+    assert set(flops) == {"vit", "q-former", "llm", "rest"}
+    assert flops["vit"][0] > 0 and flops["vit"][1] == 0  # frozen, run without autograd
+    assert flops["q-former"][1] > flops["q-former"][0] > 0  # trainable: input and weight gradients
+    # frozen LLM: the backward to the soft prompt computes input gradients only, about as much as the forward
+    assert 0.5 * flops["llm"][0] < flops["llm"][1] < 1.5 * flops["llm"][0]
+    assert flops["rest"][1] == 0 and 0 <= flops["rest"][0] < 0.05 * sum(f for f, _ in flops.values())
+    assert r["ratio"] > 0 and r["mfu"] is None  # no MFU on CPU
+
+
+def test_vq_flops_are_counted_stage0(tiny_bench):
+    r = tiny_bench.bench_stage(0)
+    B, Q = tiny_bench.batch_size, tiny_bench.SIZES["tiny"]["queries"]
+    d, V = tiny_bench.SIZES["tiny"]["llm"][0], tiny_bench.SIZES["tiny"]["llm_vocab"]
+    assert r["flops"]["vq"][0] == 2 * B * Q * V * d  # the distance matmul, chunk by chunk
+    assert "vq" in r["parts"]
+
+
+def test_cached_features_give_the_same_loss_and_skip_the_vit(tiny_bench, tmp_path):
+    model, _, loss_fn, _ = tiny_bench.build(2, tiny_bench.sizes(), str(tmp_path))
+    model.eval()
+    batch = tiny_bench.make_batch(tiny_bench.sizes(), torch.Generator().manual_seed(0))
+    images = batch["image"]
+    with torch.no_grad():
+        feats = model.visual(images)
+        assert feats.shape == (images.shape[0], model.visual.num_tokens, model.visual.width)
+        calls = []
+        encode = model.visual.vit.forward_features
+        model.visual.vit.forward_features = lambda x: (calls.append(1), encode(x))[1]
+        cached = loss_fn(model, {"image": feats, "text": batch["text"]})["loss"]
+        assert calls == []  # the encoder did not run
+        assert torch.equal(cached, loss_fn(model, {"image": images, "text": batch["text"]})["loss"])
+    model.train()
+    loss_fn(model, {"image": feats, "text": batch["text"]})["loss"].backward()
+    assert model.ln_vision.weight.grad is not None  # ln_vision still trains on cached features
+    with pytest.raises(ValueError, match="expected images"):
+        model.visual(feats[:, 1:])  # not this encoder's feature shape
+
+
+def test_cache_option_runs(tiny_bench):
+    tiny_bench.cache = True
+    r = tiny_bench.bench_stage(2)
+    assert r["flops"]["vit"] == [0, 0]  # the step never runs the encoder
+    assert "ratio" in r
