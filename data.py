@@ -1,7 +1,8 @@
 """
 Data for BLIP-2 / P-Former training: caption cleaning, image transforms, image-text datasets (annotation
-files or webdataset tar shards), text-only datasets for P-Former stage 0, collate functions, and a
-resumable distributed sampler.
+files or webdataset tar shards), text-only datasets for P-Former stage 0, collate functions, a
+resumable distributed sampler, and the quick start's world (shape scenes with captions and questions, and a
+text-only corpus; written by write_shape_world).
 """
 
 import bisect
@@ -552,3 +553,115 @@ def text_loader(paths, shards, batch_size, num_workers, seed=0, shuffle=True):
         dataset = TextDataset(paths)
     loader, _ = build_loader(dataset, batch_size, num_workers, collate_text, seed=seed, shuffle=shuffle)
     return loader
+
+# -----------------------------------------------------------------------------
+# the quick start's world: shape scenes with captions and questions, and a text-only corpus
+# (world.py renders them, writes the annotation files and pretrains the tiny backbones on them)
+
+SCENE_COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
+                "purple": (150, 60, 190)}
+SCENE_SHAPES = ["square", "circle", "triangle"]
+SCENE_COUNTS = ["one", "two", "three"]
+VQA_TEMPLATE = "Question: {} Short answer:"  # eval.py's zero-shot VQA prompt, which the LLM learns from text
+
+
+def random_scene(rng, max_objects=3):
+    """1-3 objects, each a colour (all different), a shape and a size, one per row (3 rows); listed top to bottom.
+    Rows, not columns: the training crops keep vertical order, the horizontal flips would not keep left/right."""
+    n = rng.randint(1, max_objects)
+    rows = sorted(rng.sample(range(3), n))
+    colors = rng.sample(list(SCENE_COLORS), n)
+    return [dict(color=c, shape=rng.choice(SCENE_SHAPES), size=rng.choice(["big", "small"]), row=r,
+                 x=rng.uniform(0.3, 0.7)) for c, r in zip(colors, rows)]
+
+
+def _phrase(o):
+    return f"a {o['size']} {o['color']} {o['shape']}"
+
+
+def scene_caption(scene):
+    """The canonical caption: the objects top to bottom, e.g. "a big red circle above a small blue square"."""
+    return " above ".join(_phrase(o) for o in scene)
+
+
+def scene_captions(scene):
+    """Reference captions: the canonical one and two other phrasings (the training pairs and CIDEr's references)."""
+    c = scene_caption(scene)
+    return [c, f"a picture of {c}", f"there is {c}"]
+
+
+def scene_questions(scene):
+    """(question, answer, type) about colour, shape, size, count and relative position, answerable from the
+    caption; single answers, scored by exact match."""
+    out = [("how many shapes are there?", SCENE_COUNTS[len(scene) - 1], "count")]
+    shapes = [o["shape"] for o in scene]
+    for o in scene:
+        if shapes.count(o["shape"]) == 1:
+            out.append((f"what color is the {o['shape']}?", o["color"], "color"))
+        out.append((f"what shape is the {o['color']} object?", o["shape"], "shape"))
+        out.append((f"is the {o['color']} {o['shape']} big or small?", o["size"], "size"))
+    for i, a in enumerate(scene):
+        for j, b in enumerate(scene):
+            if i != j:
+                out.append((f"is the {a['color']} {a['shape']} above or below the {b['color']} {b['shape']}?",
+                            "above" if i < j else "below", "position"))
+    return out
+
+
+def qa_sentence(question, answer):
+    return VQA_TEMPLATE.format(question) + " " + answer
+
+
+def render_shapes(scene, size=48):
+    """The scene on a grey background: rows centred at 1/4, 1/2, 3/4 of the height (inside the training crops)."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (size, size), (128, 128, 128))
+    draw = ImageDraw.Draw(image)
+    for o in scene:
+        half = (0.12 if o["size"] == "big" else 0.07) * size
+        cx, cy = o["x"] * size, (0.25 + 0.25 * o["row"]) * size
+        box = (cx - half, cy - half, cx + half, cy + half)
+        color = SCENE_COLORS[o["color"]]
+        if o["shape"] == "square":
+            draw.rectangle(box, fill=color)
+        elif o["shape"] == "circle":
+            draw.ellipse(box, fill=color)
+        else:
+            draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=color)
+    return image
+
+
+def write_shape_world(out, n_train=2000, n_test=100, n_text=20000, image_size=48, seed=0):
+    """The quick start's data under `out`: images/ (train and held-out test scenes), train.json (LAVIS captions),
+    test_captions.json (eval.py task=caption), test_vqa.json (eval.py task=vqa), and a text-only corpus of
+    n_text further scenes with no images: corpus_captions.txt, corpus_qa.txt. Returns the text-only scenes."""
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    splits = {"train": [], "test": []}
+    vqa = []
+    for i in range(n_train + n_test):
+        split = "train" if i < n_train else "test"
+        scene = random_scene(rng)
+        name = f"{split}_{i:05d}.png"
+        render_shapes(scene, image_size).save(os.path.join(out, "images", name))
+        splits[split].append({"image": name, "caption": scene_captions(scene), "scene": scene})
+        if split == "test":  # one question of each type the scene allows
+            by_type = {}
+            for q, a, kind in scene_questions(scene):
+                by_type.setdefault(kind, []).append((q, a))
+            for kind, qas in by_type.items():
+                q, a = rng.choice(qas)
+                vqa.append({"question_id": len(vqa), "image": name, "question": q, "answer": a, "answer_type": kind})
+    with open(os.path.join(out, "train.json"), "w") as f:
+        json.dump(splits["train"], f)
+    with open(os.path.join(out, "test_captions.json"), "w") as f:
+        json.dump(splits["test"], f)
+    with open(os.path.join(out, "test_vqa.json"), "w") as f:
+        json.dump(vqa, f)
+    text_scenes = [random_scene(rng) for _ in range(n_text)]
+    with open(os.path.join(out, "corpus_captions.txt"), "w") as f:
+        f.writelines(c + "\n" for s in text_scenes for c in scene_captions(s))
+    with open(os.path.join(out, "corpus_qa.txt"), "w") as f:
+        f.writelines(qa_sentence(q, a) + "\n" for s in text_scenes for q, a, _ in scene_questions(s))
+    return text_scenes

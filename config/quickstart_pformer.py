@@ -1,0 +1,30 @@
+# P-Former stage 0 of the quick start (quickstart.py) on the world's text-only caption corpus (many times the
+# captions of the image-text pairs), through the world's pretrained LLM, on 2 CPU cores in under a minute.
+out_dir = "out/quickstart/pformer"
+train_text = ["data/quickstart/corpus_captions.txt"]
+val_text = ["data/quickstart/test_captions.json"]
+num_workers = 0
+bert = "data/quickstart/bert"
+num_query_tokens = 16  # = the Q-Former's queries in config/quickstart_stage1.py and quickstart_stage2.py
+hidden_size = 128
+num_layers = 4
+num_heads = 4
+intermediate_size = 256
+vocab_size = 133  # the world's BERT tokenizer (132 tokens) + [DEC]
+dropout = 0.0
+embed_dim = 64
+max_txt_len = 32
+llm_model = "data/quickstart/llm"
+llm_dtype = "float32"
+batch_size = 32
+max_steps = 300
+lr_decay_steps = 300
+warmup_steps = 20
+lr = 1e-3
+min_lr = 1e-4
+log_interval = 20
+eval_interval = 150
+eval_batches = 2
+ckpt_interval = 100
+device = "cpu"
+dtype = "float32"

@@ -1,0 +1,46 @@
+"""quickstart.py end to end at its small size: world and backbones, P-Former stage 0, stages 1 and 2 with and
+without P-Former, evaluation, table and pictures; every stage's loss falls and the captions name what is there;
+a second run reuses everything."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def quickstart(tmp_path):
+    cmd = [sys.executable, "quickstart.py", "--size=small", f"--data={tmp_path}/data", f"--out={tmp_path}/out"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def losses(path):
+    with open(path) as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+def test_quickstart_small(tmp_path):
+    out = quickstart(tmp_path)
+    assert "zero-shot VQA accuracy" in out and "caption CIDEr" in out
+    o = tmp_path / "out"
+    for log in ["pformer", "blip2/stage1", "blip2/stage2", "blip2_pformer/stage1", "blip2_pformer/stage2"]:
+        loss = losses(o / log / "log.jsonl")
+        assert loss[-1] < 0.9 * loss[0], (log, loss)
+    with open(tmp_path / "data" / "test_captions.json") as f:
+        scenes = {a["image"]: a["scene"] for a in json.load(f)}
+    for run in ["blip2", "blip2_pformer"]:
+        with open(o / run / "eval" / "caption_captions.json") as f:
+            captions = json.load(f)
+        assert len(captions) == len(scenes) and all(c["caption"].strip() for c in captions)
+        named = [set(c["caption"].split()) & ({ob["color"] for ob in scenes[c["image_id"]]} |
+                                              {ob["shape"] for ob in scenes[c["image_id"]]}) for c in captions]
+        # at this size (60 steps a stage) most captions, not all, name a colour or a shape that is in the scene
+        assert sum(map(bool, named)) >= 0.6 * len(captions), (run, captions)
+    for f in ["results.md", "results.json", "samples.png", "losses.png"]:
+        assert (o / f).stat().st_size > 0
+    # a second run reuses the world, the checkpoints and the evaluations
+    again = quickstart(tmp_path)
+    assert "reusing" in again and again.count("done already") == 5
