@@ -161,10 +161,18 @@ def frozen_llm(s, tok):
 def build(stage_, s, tmp):
     """(our model, the HF reference or None, loss function, {part: [modules]}). The parts: the frozen ViT and LLM,
     and the trainable part: the Q-Former with ln_vision and llm_proj or the stage-1 heads, or the P-Former."""
-    from model import Blip2Stage1, Blip2Stage2, PFormerStage0, blip2_stage2_from_hf
-
     bert, tok = tokenizers(tmp)
     config = our_config(s, bert)
+    with torch.device(device):  # built in place: the real sizes' random init is minutes on a CPU, not on a GPU
+        model, hf, parts = _build(stage_, s, config, tok)
+    model.to(device)
+    loss_fn = (lambda m, b: m(b["text"])) if stage_ == 0 else (lambda m, b: m(b["image"], b["text"]))
+    return model, hf, loss_fn, parts
+
+
+def _build(stage_, s, config, tok):
+    from model import Blip2Stage1, Blip2Stage2, PFormerStage0, blip2_stage2_from_hf
+
     hf = None
     if stage_ == 0:
         model = PFormerStage0(config, llm=frozen_llm(s, tok))
@@ -176,22 +184,19 @@ def build(stage_, s, tmp):
     else:
         if compare_hf:  # the reference first, then ours with its very weights (and its LLM module, shared)
             hf = hf_blip2(s)
-            model = blip2_stage2_from_hf(hf, tokenizer=tok, dtype=config.vit_dtype, bert=bert)
+            model = blip2_stage2_from_hf(hf, tokenizer=tok, dtype=config.vit_dtype, bert=config.bert)
             freeze_like_blip2(hf)
-            hf.to(device)
         else:
             model = Blip2Stage2(config, llm=frozen_llm(s, tok))
         parts = {"vit": [model.visual], "q-former": [model.ln_vision, *model.qformer.layers, model.llm_proj],
                  "llm": [model.llm.model]}
-    model.to(device)
-    loss_fn = (lambda m, b: m(b["text"])) if stage_ == 0 else (lambda m, b: m(b["image"], b["text"]))
-    return model, hf, loss_fn, parts
+    return model, hf, parts
 
 
 def freeze_like_blip2(hf):
-    """BLIP-2's training state of the HF model: the vision tower and the LLM frozen, in eval mode and (on GPU) in
-    half precision; trainable: query tokens, Q-Former, language projection, and the vision tower's
-    post_layernorm, which is BLIP-2's ln_vision."""
+    """BLIP-2's training state of the HF model: the vision tower and the LLM frozen, in eval mode and, with a half
+    dtype, in half precision (LayerNorms fp32, as FrozenViT); trainable: query tokens, Q-Former, language
+    projection, and the vision tower's post_layernorm, which is BLIP-2's ln_vision."""
     from model import DTYPES
 
     hf.requires_grad_(False)
