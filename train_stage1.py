@@ -36,6 +36,7 @@ val_ann = ["data/coco/annotations/coco_karpathy_val.json"]
 val_image_roots = ["data/coco/images"]
 strict_images = False  # True: an unreadable image stops the run; False: skipped with a warning and counted
 num_workers = 8
+augment = True  # BLIP-2's random crop + flip; False: the evaluation resize (scenes whose captions name positions)
 # P-Former alignment (SPEC.md section 5): a stage-0 checkpoint of train_pformer.py; "" = plain BLIP-2
 pformer_ckpt = ""
 align_weight = 10.0  # the paper's weight in stage 1
@@ -91,7 +92,8 @@ if dist_info.master:
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"stage 1: {n_trainable / 1e6:.1f}M trainable parameters")
 
-train_loader = image_text_loader(train_ann, train_image_roots, train_shards, train_transform(image_size),
+train_tf = train_transform(image_size) if augment else eval_transform(image_size)
+train_loader = image_text_loader(train_ann, train_image_roots, train_shards, train_tf,
                                  batch_size, num_workers, seed, strict_images)
 val_loader = image_text_loader(val_ann, val_image_roots, "", eval_transform(image_size), batch_size, num_workers,
                                seed, strict_images, shuffle=False) if val_ann else None
