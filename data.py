@@ -227,6 +227,66 @@ class ImageTextDataset(Dataset):
                            f"check the image root ({self._root_of(i)})")
 
 
+class FrozenFeatureDataset(Dataset):
+    """An ImageTextDataset with each image replaced by the frozen image encoder's output for it (N x width),
+    computed once per distinct image by `encode` (B x 3 x H x W -> B x N x width) and kept in CPU memory; the
+    Q-Former's FrozenViT passes such features through. Only for runs without augmentation (augment=False),
+    where the encoder sees the same pixels every epoch: its forward then runs once per image instead of once
+    per sample and epoch. Memory: images x N x width in the encoder's dtype (COCO's 113k images at ViT-g's
+    257 x 1408 in fp16: 82 GB), so this is for small datasets and fast ablations. Images are decoded in this
+    process; under DDP every rank computes all of them (the sampler deals samples anew each epoch). An
+    unreadable image is replaced by the next readable sample's, as in ImageTextDataset."""
+
+    def __init__(self, dataset, encode, batch_size=64):
+        if not isinstance(dataset, ImageTextDataset):
+            raise TypeError("FrozenFeatureDataset needs annotation files (an ImageTextDataset): tar shards are "
+                            "streamed once, not indexed")
+        self.captions, self.max_words = dataset.captions, dataset.max_words
+        n = len(dataset)
+        row_of_path = {}  # image path -> its row in self.features, or -1 when unreadable
+        todo, chunks, n_rows = [], [], 0  # images waiting for the encoder, encoded chunks, rows so far
+
+        def flush():
+            if todo:
+                chunks.append(encode(torch.stack(todo)).cpu())
+                todo.clear()
+
+        for i in range(n):
+            path = dataset.images[i]
+            if path in row_of_path:
+                continue
+            try:
+                todo.append(dataset.transform(_decode_image(path)))
+            except Exception as e:  # PIL signals broken files with many exception types
+                _unreadable(f"image {path}", e, dataset.strict)
+                row_of_path[path] = -1
+                continue
+            row_of_path[path], n_rows = n_rows, n_rows + 1
+            if len(todo) == batch_size:
+                flush()
+        flush()
+        if not chunks:
+            raise RuntimeError(f"no readable image in {dataset.image_roots}")
+        self.features = torch.cat(chunks)  # images x N x width
+        rows = torch.tensor([row_of_path[dataset.images[i]] for i in range(n)])
+        # sample i shows the image of the first sample j >= i (wrapping around) whose image is readable
+        readable = (rows >= 0).nonzero().flatten()
+        nxt = torch.searchsorted(readable, torch.arange(n))
+        wrapped = nxt == len(readable)
+        j = torch.where(wrapped, readable[0], readable[nxt.clamp(max=len(readable) - 1)])
+        self.sample = j  # the sample whose caption and image are shown for i
+        self.row = rows[j]
+        self.skipped = torch.where(wrapped, j + n, j) - torch.arange(n)
+
+    def __len__(self):
+        return len(self.captions)
+
+    def __getitem__(self, i):
+        i = range(len(self))[i]
+        j = int(self.sample[i])
+        return self.features[self.row[i]], clean_caption(self.captions[j], self.max_words), int(self.skipped[i])
+
+
 class TextDataset(Dataset):
     """Text-only samples for P-Former stage 0: .txt files (one sentence per line, blank lines ignored) and
     caption .json/.jsonl annotation files read without images (every caption is a sample; "image" keys are
@@ -529,15 +589,20 @@ def build_loader(dataset, batch_size, num_workers, collate_fn, seed=0, shuffle=T
 
 
 def image_text_loader(ann_paths, image_roots, shards, transform, batch_size, num_workers, seed=0, strict=False,
-                      shuffle=True):
+                      shuffle=True, encode=None):
     """The image-caption DataLoader of stages 1 and 2: tar `shards` when given (streamed, split over ranks and
-    workers), else the annotation files with their image folders. Batches: {"image", "text", "skipped"}."""
+    workers), else the annotation files with their image folders. Batches: {"image", "text", "skipped"}.
+    With `encode` (the frozen image encoder), "image" holds its features, computed once (FrozenFeatureDataset)."""
     if shards:
+        if encode is not None:
+            raise ValueError("cached image features need annotation files (train_ann), not tar shards")
         dataset = TarShardDataset(shards, transform, strict=strict, seed=seed)
     else:
         if not ann_paths:
             raise ValueError("no training data: give annotation files (train_ann) or tar shards (train_shards)")
         dataset = ImageTextDataset(ann_paths, image_roots, transform, strict=strict)
+        if encode is not None:
+            dataset = FrozenFeatureDataset(dataset, encode, batch_size)
     loader, _ = build_loader(dataset, batch_size, num_workers, collate_image_text, seed=seed, shuffle=shuffle)
     return loader
 

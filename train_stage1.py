@@ -37,6 +37,7 @@ val_image_roots = ["data/coco/images"]
 strict_images = False  # True: an unreadable image stops the run; False: skipped with a warning and counted
 num_workers = 8
 augment = True  # BLIP-2's random crop + flip; False: the evaluation resize (scenes whose captions name positions)
+cache_vit_features = False  # with augment=False: the frozen ViT runs once per image, its output kept in memory
 # P-Former alignment (SPEC.md section 5): a stage-0 checkpoint of train_pformer.py; "" = plain BLIP-2
 pformer_ckpt = ""
 align_weight = 10.0  # the paper's weight in stage 1
@@ -92,9 +93,12 @@ if dist_info.master:
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"stage 1: {n_trainable / 1e6:.1f}M trainable parameters")
 
+if cache_vit_features and augment:
+    raise ValueError("cache_vit_features=True needs augment=False: augmented images differ at every epoch")
 train_tf = train_transform(image_size) if augment else eval_transform(image_size)
-train_loader = image_text_loader(train_ann, train_image_roots, train_shards, train_tf,
-                                 batch_size, num_workers, seed, strict_images)
+encode = (lambda images: model.visual(images.to(dist_info.device))) if cache_vit_features else None
+train_loader = image_text_loader(train_ann, train_image_roots, train_shards, train_tf, batch_size, num_workers, seed,
+                                 strict_images, encode=encode)
 val_loader = image_text_loader(val_ann, val_image_roots, "", eval_transform(image_size), batch_size, num_workers,
                                seed, strict_images, shuffle=False) if val_ann else None
 

@@ -468,3 +468,39 @@ def test_seed_worker():
     torch.manual_seed(6)
     seed_worker(0)
     assert (np.random.rand(), random.random()) != first
+
+
+def test_frozen_feature_dataset_encodes_each_image_once(tmp_path):
+    """Cached encoder features: each readable image encoded once, samples sharing an image share its row, and
+    unreadable images are replaced exactly as ImageTextDataset replaces them (caption, image and count)."""
+    from data import FrozenFeatureDataset, image_text_loader
+
+    root = tmp_path / "img"
+    save_image(root / "red.jpg", (255, 0, 0))
+    save_image(root / "blue.png", (0, 0, 255))
+    (root / "corrupt.jpg").write_bytes(b"this is not a jpeg")
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps([{"image": "red.jpg", "caption": ["red one", "red two"]},
+                               {"image": "missing.jpg", "caption": "missing"},
+                               {"image": "corrupt.jpg", "caption": "corrupt"},
+                               {"image": "blue.png", "caption": "blue"}]))
+    encoded = []
+
+    def encode(images):  # B x 3 x H x W -> B x 2 x 3 "tokens": the mean colour, twice
+        encoded.append(len(images))
+        return images.mean(dim=(2, 3))[:, None].expand(-1, 2, -1) + 0
+
+    plain = ImageTextDataset(ann, root, eval_transform(16))
+    with pytest.warns(UserWarning):
+        cached = FrozenFeatureDataset(ImageTextDataset(ann, root, eval_transform(16)), encode, batch_size=1)
+        expected = [plain[i] for i in range(len(plain))]
+    assert encoded == [1, 1]  # red.jpg and blue.png, once each
+    assert len(cached) == len(plain) == 5
+    for i, (image, text, skipped) in enumerate(expected):
+        features, c_text, c_skipped = cached[i]
+        assert (c_text, c_skipped) == (text, skipped)
+        assert torch.allclose(features, encode(image[None])[0])
+    assert cached[0][0].data_ptr() == cached[1][0].data_ptr()  # one row for both captions of red.jpg
+
+    with pytest.raises(ValueError, match="tar shards"):
+        image_text_loader([], [], str(tmp_path / "x.tar"), eval_transform(16), 2, 0, encode=encode)

@@ -150,3 +150,15 @@ def test_bad_input_fails_clearly(tiny_world, tmp_path):
     assert "is a stage-1 checkpoint, expected stage 2" in p.stderr.strip().splitlines()[-1]
     p = run(2, tiny_world, str(tmp_path / "e"), f"--stage1_ckpt={s1}/log.jsonl", ok=False)
     assert "log.jsonl is not a readable torch checkpoint" in p.stderr.strip().splitlines()[-1]
+
+
+def test_cached_vit_features_train_alike(tiny_world, tmp_path):
+    """Without augmentation, a stage-1 run on cached frozen-ViT features logs the losses of a run on images."""
+    common = ["--max_steps=6", "--lr_decay_steps=6", "--log_interval=2", "--eval_interval=100", "--augment=False"]
+    run(1, tiny_world, str(tmp_path / "images"), *common)
+    run(1, tiny_world, str(tmp_path / "cached"), *common, "--cache_vit_features=True")
+    a = [r["loss"] for r in log(str(tmp_path / "images")) if "loss" in r]
+    b = [r["loss"] for r in log(str(tmp_path / "cached")) if "loss" in r]
+    assert len(a) == 3 and a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    p = run(1, tiny_world, str(tmp_path / "bad"), "--cache_vit_features=True", ok=False)
+    assert "cache_vit_features=True needs augment=False" in p.stderr
