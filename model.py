@@ -527,7 +527,11 @@ class Blip2Stage1(nn.Module):
         return self.ln_vision(self.visual(image))
 
     def tokenize(self, captions, device):
-        t = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.config.max_txt_len,
+        """[CLS] caption [SEP], at most max_txt_len tokens, right-padded. Padding is hidden from every pass and
+        every loss, so on one process the batch is padded only to its longest caption (less work, same losses);
+        under DDP to max_txt_len, as LAVIS does, because ITM gathers the ids of all ranks into one tensor."""
+        padding = "max_length" if _world()[1] > 1 else "longest"
+        t = self.tokenizer(captions, padding=padding, truncation=True, max_length=self.config.max_txt_len,
                            return_tensors="pt")
         return t.input_ids.to(device, non_blocking=True), t.attention_mask.to(device, non_blocking=True)
 

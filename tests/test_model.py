@@ -192,13 +192,46 @@ def test_itc_query_pass_never_sees_text(stage1):
     close(seen[0], seen[1], 0)
 
 
+def pad_to_max_length(model, captions, device):
+    """Stage-1 tokens padded to max_txt_len, as under DDP (one process pads to the batch's longest caption)."""
+    t = model.tokenizer(captions, padding="max_length", truncation=True, max_length=model.config.max_txt_len,
+                        return_tensors="pt")
+    return t.input_ids.to(device), t.attention_mask.to(device)
+
+
 def test_text_padding_is_hidden(stage1):
-    ids, mask = stage1.tokenize(["a red square"], "cpu")
+    ids, mask = pad_to_max_length(stage1, ["a red square"], "cpu")
+    assert (mask == 0).sum() > 10
     h = stage1.qformer.encode_text(ids, mask)
     ids2 = ids.clone()
     ids2[mask == 0] = 7  # garbage under the padding
     h2 = stage1.qformer.encode_text(ids2, mask)
     close(h[mask.bool()], h2[mask.bool()])
+
+
+def test_stage1_padding_to_the_longest_caption_changes_no_loss_or_gradient(stage1, monkeypatch):
+    """One process pads stage 1's text to the batch's longest caption, DDP to max_txt_len: same losses and
+    gradients (the padding is hidden from ITC, ITM and ITG)."""
+    img = images(4)
+    ids, _ = stage1.tokenize(CAPTIONS, "cpu")
+    assert ids.shape[1] < stage1.config.max_txt_len  # the saving under test
+
+    def losses_and_grads():
+        stage1.zero_grad()
+        out = stage1(img, CAPTIONS, neg_generator=torch.Generator().manual_seed(0))
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in stage1.named_parameters() if p.grad is not None}
+        return out, grads
+
+    short, short_grads = losses_and_grads()
+    monkeypatch.setattr(stage1, "tokenize", lambda captions, device: pad_to_max_length(stage1, captions, device))
+    full, full_grads = losses_and_grads()
+    stage1.zero_grad()
+    for k in ("itc", "itm", "itg"):
+        close(short[k], full[k])
+    assert short_grads.keys() == full_grads.keys() and len(short_grads) > 10
+    for n in short_grads:
+        close(short_grads[n], full_grads[n])
 
 
 def test_negative_sampling_follows_softmax_and_skips_positives():
