@@ -842,7 +842,24 @@ class PFormerStage0(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 8. loading weights by explicit key maps, with shape checks
+# 8. torch.compile
+
+
+def compile_blocks(model):
+    """torch.compile, in place, the modules that do the tensor work: the frozen ViT, every Q-Former (and P-Former)
+    layer and the frozen LLM. The Python around them stays eager: the tokenizers read the captions as strings, and
+    a whole-model torch.compile would specialise on their text and recompile for every batch (then give up after
+    8 and run eager). Parameter names do not change, so checkpoints are the same as without compile."""
+    for m in model.modules():
+        if isinstance(m, (FrozenViT, QFormerLayer)):
+            m.compile()
+        elif isinstance(m, FrozenLLM):
+            m.model.compile()
+    return model
+
+
+# -----------------------------------------------------------------------------
+# 9. loading weights by explicit key maps, with shape checks
 
 
 def _copy_weights(model, mapping, source, what):

@@ -347,7 +347,8 @@ def train(*, model, loss_fn, loader, val_loader, cfg, dist_info, stage, generato
         raise ValueError(f"init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
     raw_model = model
     if cfg['compile']:
-        model = torch.compile(model)
+        from model import compile_blocks  # the blocks only: the captions' Python stays eager (see there)
+        compile_blocks(model)
     if dist_info.ddp:
         # broadcast_buffers=False: the buffers here are constants (position ids, RoPE tables), no BatchNorm stats
         model = DDP(model, device_ids=[dist_info.local_rank] if device.startswith('cuda') else None,

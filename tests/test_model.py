@@ -7,8 +7,8 @@ from transformers import BertForMaskedLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 import tiny
-from model import (Blip2Stage1, FrozenLLM, FrozenViT, blip2_stage1_from_hf, blip2_stage2_from_hf, init_from_bert,
-                   sample_negatives, split_captions)
+from model import (Blip2Stage1, FrozenLLM, FrozenViT, blip2_stage1_from_hf, blip2_stage2_from_hf, compile_blocks,
+                   init_from_bert, sample_negatives, split_captions)
 
 TOL = 1e-5
 CAPTIONS = ["a red square", "two blue stars", "the big circle", "a small green triangle"]
@@ -387,3 +387,23 @@ def test_half_precision_frozen_vit(bert):
     out = half(x)
     assert out.dtype == torch.bfloat16 and out.shape == full(x).shape
     assert (out.float() - full(x)).abs().max() < 0.1 * full(x).abs().max()
+
+
+def test_compile_blocks_keeps_the_loss_and_names_and_never_recompiles_for_new_captions():
+    """train_common's compile=True: the blocks are compiled, the captions' Python is not, so a batch with other
+    captions (same lengths) runs the compiled code again instead of recompiling (a whole-model torch.compile
+    specialises on the strings); parameter names, hence checkpoints, are unchanged."""
+    hf, tok = tiny.hf_blip2("opt")
+    model = blip2_stage2_from_hf(hf, tokenizer=tok).train()
+    names = [n for n, _ in model.named_parameters()]
+    img = images(2)
+    first, second = ["a red square", "two blue star"], ["a big circle", "the small dot"]  # byte tokens: same lengths
+    eager = model(img, first)["loss"]
+    compile_blocks(model)
+    assert [n for n, _ in model.named_parameters()] == names
+    torch._dynamo.reset()
+    compiled = model(img, first)["loss"]
+    compiled.backward()
+    close(compiled, eager)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        model(img, second)["loss"].backward()
