@@ -7,6 +7,7 @@ transformers' own Blip2ForConditionalGeneration on identical weights and inputs 
     python bench.py --stage=2 --size=tiny --steps=3
     python bench.py --stage=0 --size=real --llm_layers=2 --device=cpu --batch_size=8   # VQ at OPT-2.7b's width
     python bench.py --stage=2 --size=real --device=cuda --dtype=bfloat16 --batch_size=64 --compile=True
+    python bench.py --size=real --flops_only=True --device=cpu       # FLOPs per sample at real sizes, in seconds
 
 Sizes (random weights, nothing is downloaded):
     real   EVA ViT-g/14 (39 of 40 blocks, 224 px) + BERT-base Q-Former + OPT-2.7b (vocab 50272); P-Former BERT-base
@@ -28,6 +29,7 @@ import torch
 
 import train_common as tc
 from configurator import apply_overrides
+from model import compile_blocks
 
 # -----------------------------------------------------------------------------
 # config
@@ -39,8 +41,11 @@ warmup = 2  # untimed steps first (allocator, autotuning, torch.compile)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast and frozen weights (no GradScaler: timing)
 compare_hf = True  # stage 2: also time transformers' Blip2ForConditionalGeneration on the same weights and batch
-compile = False  # torch.compile our model, as train_common.train does with compile=True (not the HF reference)
+compile = False  # torch.compile our model's blocks (model.compile_blocks), as train_common.train does with compile=True
+compile_hf = False  # torch.compile the HF reference's vision tower, Q-Former and LLM as well
 cache = False  # stages 1 and 2: the step reads precomputed frozen-ViT features instead of images (no augmentation)
+flops_only = False  # no timing: FLOPs per sample by part at the size's full depth (see flops_at_full_depth), and the
+#                     samples/s per GPU that they allow at a given MFU (e.g. the real sizes, on a CPU, in seconds)
 llm_layers = 0  # > 0: override the LLM depth of the size (e.g. OPT-2.7b's width and vocabulary, 2 layers, on CPU)
 vit_layers = 0  # > 0: override the ViT depth of the size
 threads = 0  # > 0: torch.set_num_threads
@@ -92,12 +97,13 @@ def quiet():
 # models at a named size, with random weights
 
 
-def sizes():
+def sizes(depth=0):
+    """The size's dimensions; llm_layers / vit_layers, or `depth` for both, override the ViT and LLM depths."""
     s = dict(SIZES[size])
-    if llm_layers:
-        s["llm"] = (s["llm"][0], llm_layers, *s["llm"][2:])
-    if vit_layers:
-        s["vit"] = (s["vit"][0], vit_layers, *s["vit"][2:])
+    if depth or llm_layers:
+        s["llm"] = (s["llm"][0], depth or llm_layers, *s["llm"][2:])
+    if depth or vit_layers:
+        s["vit"] = (s["vit"][0], depth or vit_layers, *s["vit"][2:])
     return s
 
 
@@ -158,19 +164,20 @@ def frozen_llm(s, tok):
     return FrozenLLM(OPTForCausalLM(opt_config(s)).to(DTYPES[dtype]), tok)
 
 
-def build(stage_, s, tmp):
+def build(stage_, s, tmp, with_hf=None):
     """(our model, the HF reference or None, loss function, {part: [modules]}). The parts: the frozen ViT and LLM,
-    and the trainable part: the Q-Former with ln_vision and llm_proj or the stage-1 heads, or the P-Former."""
+    and the trainable part: the Q-Former with ln_vision and llm_proj or the stage-1 heads, or the P-Former.
+    with_hf: build the HF reference for stage 2 (default: compare_hf)."""
     bert, tok = tokenizers(tmp)
     config = our_config(s, bert)
     with torch.device(device):  # built in place: the real sizes' random init is minutes on a CPU, not on a GPU
-        model, hf, parts = _build(stage_, s, config, tok)
+        model, hf, parts = _build(stage_, s, config, tok, compare_hf if with_hf is None else with_hf)
     model.to(device)
     loss_fn = (lambda m, b: m(b["text"])) if stage_ == 0 else (lambda m, b: m(b["image"], b["text"]))
     return model, hf, loss_fn, parts
 
 
-def _build(stage_, s, config, tok):
+def _build(stage_, s, config, tok, with_hf):
     from model import Blip2Stage1, Blip2Stage2, PFormerStage0, blip2_stage2_from_hf
 
     hf = None
@@ -182,7 +189,7 @@ def _build(stage_, s, config, tok):
         parts = {"vit": [model.visual], "q-former": [model.ln_vision, *model.qformer.layers, model.vision_proj,
                                                       model.text_proj, model.itm_head, model.itg_head]}
     else:
-        if compare_hf:  # the reference first, then ours with its very weights (and its LLM module, shared)
+        if with_hf:  # the reference first, then ours with its very weights (and its LLM module, shared)
             hf = hf_blip2(s)
             model = blip2_stage2_from_hf(hf, tokenizer=tok, dtype=config.vit_dtype, bert=config.bert)
             freeze_like_blip2(hf)
@@ -359,6 +366,38 @@ def count_flops(model, loss_fn, batch, parts):
     return out
 
 
+def flops_at_full_depth(stage_):
+    """FLOPs of one batch by part, {part: [forward, backward]}, at the size's full ViT and LLM depths, counted on
+    models of the same widths with 1 and 2 ViT and LLM layers: every layer of a part does the same work, so a part
+    costs fixed + depth x per-layer, exactly (not a fit). A real-size step is minutes on a CPU and needs more memory
+    than a laptop has; these two take seconds."""
+    full = {"vit": sizes()["vit"][1], "llm": sizes()["llm"][1]}
+    batch = make_batch(sizes(), torch.Generator().manual_seed(seed))
+    counted = []
+    for depth in (1, 2):
+        torch.manual_seed(seed)
+        with tempfile.TemporaryDirectory() as tmp, quiet():
+            model, _, loss_fn, parts = build(stage_, sizes(depth), tmp, with_hf=False)
+        model.train()
+        counted.append(count_flops(model, loss_fn, batch, parts))
+        del model
+    one, two = counted
+    return {part: [a + (full.get(part, 1) - 1) * (b - a) for a, b in zip(one[part], two[part])] for part in one}
+
+
+def print_flops_only(stage_):
+    flops = flops_at_full_depth(stage_)
+    s = sizes()
+    print(f"\n=== stage {stage_}, size {size}: FLOPs at full depth (ViT {s['vit'][1]}, LLM {s['llm'][1]} layers), "
+          f"from 1- and 2-layer models, batch {batch_size}")
+    print_flops(flops)
+    per_sample = sum(f + b for f, b in flops.values()) / batch_size
+    print("samples/s per GPU at 100% / 50% MFU: " + " | ".join(
+        f"{name} {peak / per_sample:.0f} / {0.5 * peak / per_sample:.0f}" for name, peak in tc.PEAK_FLOPS
+        if name in ("H100", "A100")) + " (dense bf16 peaks)")
+    return dict(stage=stage_, flops=flops, flops_per_sample=per_sample)
+
+
 def peak_memory():
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**30, "GiB allocated (CUDA)"
@@ -399,7 +438,8 @@ def bench_stage(stage_):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     print(f"\n=== stage {stage_}, size {size}: batch {batch_size}, {device} {dtype}"
-          f"{', compiled' if compile else ''}{', cached ViT features' if cached else ''}, "
+          f"{', compiled' if compile else ''}{', HF compiled' if compile_hf and hf else ''}"
+          f"{', cached ViT features' if cached else ''}, "
           f"{trainable / 1e6:.1f}M trainable + {frozen / 1e6:.1f}M frozen parameters")
     hf_loss = hf_loss_fn(model.llm.tokenizer) if hf is not None else None
     if hf is not None:
@@ -410,13 +450,17 @@ def bench_stage(stage_):
     flops = count_flops(model, loss_fn, batches[0], parts)  # eager, before any compile
     flops_per_sample = sum(f + b for f, b in flops.values()) / batch_size
     hf_flops_per_sample = total_flops(hf, hf_loss, hf_batches[0]) / batch_size if hf is not None else None
-    run_model = torch.compile(model) if compile else model
+    if compile:
+        compile_blocks(model)
+    if compile_hf and hf is not None:  # the reference's blocks: vision tower, Q-Former, LLM
+        for m in (hf.vision_model, hf.qformer, hf.language_model):
+            m.compile()
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     ours, theirs = [], []
     for i in range(warmup + steps):  # interleaved, so that drifts of a shared machine hit both alike
-        t = step(run_model, optimizer, loss_fn, batches[i])
+        t = step(model, optimizer, loss_fn, batches[i])
         if i >= warmup:
             ours.append(t)
         if hf is not None:
@@ -494,7 +538,7 @@ def main():
     if threads:
         torch.set_num_threads(threads)
     stages = [0, 1, 2] if stage in (None, "all") else [int(stage)]
-    return [bench_stage(s) for s in stages]
+    return [(print_flops_only if flops_only else bench_stage)(s) for s in stages]
 
 
 if __name__ == "__main__":
