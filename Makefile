@@ -9,8 +9,9 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/pip install -r requirements.txt
 	touch $@
 
-# the whole method end to end on CPU (about 15 minutes on 2 cores; see README): world and pretrained backbones,
-# P-Former stage 0, stages 1 and 2 with and without P-Former, zero-shot VQA and captioning, table and pictures
+# the whole method end to end on CPU (about 13 minutes on 2 cores, the install included; see README): world and
+# pretrained backbones, P-Former stage 0, stages 1 and 2 with and without P-Former, zero-shot VQA and captioning,
+# table and pictures
 .PHONY: quickstart
 quickstart: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) quickstart.py

@@ -33,7 +33,7 @@ size = "full"  # 'full' or 'small'
 data = "data/quickstart"
 out = "out/quickstart"
 SIZES = {  # world.py settings and the steps of each stage
-    "full": dict(world={}, pformer=800, stage1=400, stage2=400),
+    "full": dict(world={}, pformer=300, stage1=150, stage2=300),
     "small": dict(world=dict(n_train=300, n_test=24, n_text=3000, vit_steps=120, llm_steps=300),
                   pformer=40, stage1=60, stage2=60),
 }
