@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_bench(monkeypatch):
     """bench's config set to the tiny size, restored after the test."""
     for key, value in dict(size="tiny", batch_size=4, steps=1, warmup=1, device="cpu", dtype="float32",
-                           compare_hf=True, compile=False, cache=False, threads=1).items():
+                           compare_hf=True, compile=False, cache=False, threads=1, stage=None, flops_only=False,
+                           llm_layers=0, vit_layers=0).items():
         monkeypatch.setattr(bench, key, value)
     return bench
 
@@ -98,3 +99,26 @@ def test_cache_option_runs(tiny_bench):
     r = tiny_bench.bench_stage(2)
     assert r["flops"]["vit"] == [0, 0]  # the step never runs the encoder
     assert "ratio" in r
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_flops_at_full_depth_equal_the_deep_models_count(tiny_bench, tmp_path, stage):
+    """--flops_only extrapolates from 1- and 2-layer models; at depth 3 that equals counting the 3-layer model."""
+    tiny_bench.llm_layers = tiny_bench.vit_layers = 3
+    extrapolated = tiny_bench.flops_at_full_depth(stage)
+    torch.manual_seed(0)
+    model, _, loss_fn, parts = tiny_bench.build(stage, tiny_bench.sizes(), str(tmp_path), with_hf=False)
+    model.train()
+    counted = tiny_bench.count_flops(model, loss_fn, tiny_bench.make_batch(tiny_bench.sizes(),
+                                                                          torch.Generator().manual_seed(0)), parts)
+    assert extrapolated == counted
+    deep = "llm" if stage == 0 else "vit"
+    assert counted[deep][0] > 0
+
+
+def test_flops_only_prints_the_gpu_ceilings(tiny_bench, capsys):
+    tiny_bench.flops_only, tiny_bench.stage = True, 2
+    (r,) = tiny_bench.main()
+    out = capsys.readouterr().out
+    assert "samples/s per GPU at 100% / 50% MFU: H100" in out
+    assert r["flops_per_sample"] == sum(f + b for f, b in r["flops"].values()) / tiny_bench.batch_size
