@@ -35,7 +35,7 @@ out = "out/quickstart"
 SIZES = {  # world.py settings and the steps of each stage
     "full": dict(world={}, pformer=300, stage1=150, stage2=300),
     "small": dict(world=dict(n_train=300, n_test=24, n_text=3000, vit_steps=120, llm_steps=300),
-                  pformer=40, stage1=60, stage2=60),
+                  pformer=80, stage1=60, stage2=60),
 }
 for arg in sys.argv[1:]:  # --key=value
     key, _, value = arg.lstrip("-").partition("=")

@@ -73,7 +73,7 @@ def test_stage0_learns_to_reproduce_sentences(tiny_world):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     first = model(sentences)
     assert set(first) == {"loss", "c", "vq", "lm"} and all(torch.isfinite(v) for v in first.values())
-    for _ in range(500):
+    for _ in range(700):  # 500 reproduce 7 of 8 on 2 threads but 5 on one (other float rounding); 700: 7 or 8
         opt.zero_grad()
         model(sentences)["loss"].backward()
         opt.step()
