@@ -259,6 +259,18 @@ class Logger:
                 wandb.init(project=wandb_project, name=wandb_run_name, config=config)
                 self.wandb = wandb
 
+    def keep_until(self, step):
+        """Start the log at `step`: drop the lines of later steps (an interrupted run logged past the checkpoint it
+        resumes from) or, at step 0, the whole file of an earlier run, so that log.jsonl holds one run's curve."""
+        if not self.master or not os.path.isfile(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if step and json.loads(line).get('step', 0) <= step]
+        tmp = self.path + '.tmp'
+        with open(tmp, 'w') as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+
     def log(self, step, metrics):
         """metrics: {name: float, int, None or 0-d tensor}. Tensors are read here (a GPU sync), so call this only
         every log_interval steps. None values (mfu on CPU) are not printed; 'samples_per_sec' and 'mfu' (a fraction)
@@ -345,6 +357,7 @@ def train(*, model, loss_fn, loader, val_loader, cfg, dist_info, stage, generato
             print(f"resuming from {ckpt_path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
     elif cfg['init_from'] != 'scratch':
         raise ValueError(f"init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
+    logger.keep_until(step)
     raw_model = model
     if cfg['compile']:
         from model import compile_blocks  # the blocks only: the captions' Python stays eager (see there)

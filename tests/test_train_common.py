@@ -304,3 +304,20 @@ def test_two_process_gloo():
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
     mp.spawn(_worker, args=(2, port), nprocs=2, join=True)
+
+
+def test_log_keeps_one_run_after_a_restart(tmp_path):
+    """An interrupted run logged past its last checkpoint: resuming from step 3 drops steps 4 and 5, a run from
+    scratch in the same out_dir starts an empty log (else the loss curves would double back)."""
+    logger = tc.Logger(str(tmp_path), master=True)
+    for step in range(1, 6):
+        logger.log(step, {'loss': torch.tensor(float(step))})
+    logger.log(5, {'val_loss': 0.5})
+    path = tmp_path / 'log.jsonl'
+    logger.keep_until(3)
+    assert [json.loads(line)['step'] for line in path.read_text().splitlines()] == [1, 2, 3]
+    logger.log(4, {'loss': 9.0})
+    assert [json.loads(line)['loss'] for line in path.read_text().splitlines()] == [1.0, 2.0, 3.0, 9.0]
+    logger.keep_until(0)
+    assert path.read_text() == ''
+    tc.Logger(str(tmp_path / 'other'), master=True).keep_until(0)  # no log yet: nothing to do
