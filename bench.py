@@ -21,6 +21,7 @@ the LLM's backward to the soft prompt (input gradients only), and the trainable 
 import contextlib
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -133,7 +134,7 @@ def our_config(s, bert):
     half = dtype  # frozen weights in half precision when dtype is (as BLIP-2 on GPUs)
     return Blip2Config(vit_layers=L, vit_pretrained="", vit_kwargs=dict(patch_size=s["patch"], embed_dim=d, depth=L,
                        num_heads=H, mlp_ratio=F / d), vit_dtype=half, image_size=s["image"], bert=bert,
-                       qformer_init_from_bert=False, num_query_tokens=s["queries"], hidden_size=qd, num_layers=qL,
+                       num_query_tokens=s["queries"], hidden_size=qd, num_layers=qL,
                        num_heads=qH, intermediate_size=qF, vocab_size=s["bert_vocab"], embed_dim=s["embed_dim"],
                        llm_dtype=half)
 
@@ -159,7 +160,7 @@ def hf_blip2(s):
 def frozen_llm(s, tok):
     from transformers import OPTForCausalLM
 
-    from model import DTYPES, FrozenLLM
+    from backbones import DTYPES, FrozenLLM
 
     return FrozenLLM(OPTForCausalLM(opt_config(s)).to(DTYPES[dtype]), tok)
 
@@ -178,7 +179,8 @@ def build(stage_, s, tmp, with_hf=None):
 
 
 def _build(stage_, s, config, tok, with_hf):
-    from model import Blip2Stage1, Blip2Stage2, PFormerStage0, blip2_stage2_from_hf
+    from model import Blip2Stage1, Blip2Stage2, PFormerStage0
+    from pretrained import blip2_stage2_from_hf
 
     hf = None
     if stage_ == 0:
@@ -204,7 +206,7 @@ def freeze_like_blip2(hf):
     """BLIP-2's training state of the HF model: the vision tower and the LLM frozen, in eval mode and, with a half
     dtype, in half precision (LayerNorms fp32, as FrozenViT); trainable: query tokens, Q-Former, language
     projection, and the vision tower's post_layernorm, which is BLIP-2's ln_vision."""
-    from model import DTYPES
+    from backbones import DTYPES
 
     hf.requires_grad_(False)
     for m in (hf.query_tokens, hf.qformer, hf.language_projection, hf.vision_model.post_layernorm):
@@ -234,7 +236,7 @@ def to_device(batch):
 
 
 def hf_inputs(hf, tok, batch):
-    """HF's own input format (SPEC.md section 9): [image token] * Q + BOS + caption + "\\n", right-padded, at most
+    """HF's own input format: [image token] * Q + BOS + caption + "\\n", right-padded, at most
     32 text tokens; labels -100 on the queries and the padding; the loss is HF's shifted LM loss."""
     Q = hf.config.num_query_tokens
     tok.padding_side = "right"
@@ -251,36 +253,47 @@ def hf_inputs(hf, tok, batch):
 # timing
 
 
-class PartTimer:
-    """Forward time of each part (a list of modules, timed from pre-hook to hook, synchronised) and of stage 0's
-    VQ term (PFormerStage0.vq_loss, wrapped on the instance)."""
+def part_times(model, optimizer, loss_fn, batches, parts):
+    """Forward time of each part (a list of modules) and of stage 0's VQ term, per step, from torch.profiler: each
+    part's forward runs inside a record_function range opened and closed by module hooks (the VQ term inside one
+    wrapped around PFormerStage0.vq_loss). Eager only: under torch.compile, hooks inside compiled code would break
+    its graphs and time something else."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
-    def __init__(self, model, parts):
-        self.times, self.handles, self.model = {}, [], model
-        for name, modules in parts.items():
-            for m in modules:
-                self.handles.append(m.register_forward_pre_hook(lambda *_: self._start()))
-                self.handles.append(m.register_forward_hook(lambda *_, n=name: self._stop(n)))
-        if hasattr(model, "vq_loss"):
-            vq = model.vq_loss
+    ranges, handles = {}, []
 
-            def timed(*args):
-                self._start()
-                out = vq(*args)
-                self._stop("vq")
-                return out
-            model.vq_loss = timed
+    def enter(name):
+        ranges.setdefault(name, []).append(record_function(f"part:{name}").__enter__())
 
-    def _start(self):
-        self.t = now()
+    def leave(name):
+        ranges[name].pop().__exit__(None, None, None)
 
-    def _stop(self, name):
-        self.times[name] = self.times.get(name, 0.0) + now() - self.t
+    for name, modules in parts.items():
+        for m in modules:
+            handles.append(m.register_forward_pre_hook(lambda *_, n=name: enter(n)))
+            handles.append(m.register_forward_hook(lambda *_, n=name: leave(n)))
+    if hasattr(model, "vq_loss"):
+        vq = model.vq_loss
 
-    def remove(self):
-        for h in self.handles:
+        def timed(*args):
+            with record_function("part:vq"):
+                return vq(*args)
+        model.vq_loss = timed
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    try:
+        with profile(activities=activities) as prof:
+            for batch in batches:
+                step(model, optimizer, loss_fn, batch)
+    finally:
+        for h in handles:
             h.remove()
-        self.model.__dict__.pop("vq_loss", None)
+        model.__dict__.pop("vq_loss", None)
+    times = {}
+    for event in prof.key_averages():
+        if event.key.startswith("part:"):  # GPU time where there is one, else the CPU's
+            us = event.device_time_total if device.startswith("cuda") else event.cpu_time_total
+            times[event.key[5:]] = us / 1e6 / len(batches)
+    return times
 
 
 def step(model, optimizer, loss_fn, batch_cpu):
@@ -393,7 +406,7 @@ def print_flops_only(stage_):
     print_flops(flops)
     per_sample = sum(f + b for f, b in flops.values()) / batch_size
     print("samples/s per GPU at 100% / 50% MFU: " + " | ".join(
-        f"{name} {peak / per_sample:.0f} / {0.5 * peak / per_sample:.0f}" for name, peak in tc.PEAK_FLOPS
+        f"{name} {peak / per_sample:.0f} / {0.5 * peak / per_sample:.0f}" for name, peak, _ in tc.PEAK_FLOPS
         if name in ("H100", "A100")) + " (dense bf16 peaks)")
     return dict(stage=stage_, flops=flops, flops_per_sample=per_sample)
 
@@ -404,16 +417,11 @@ def peak_memory():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "GiB RSS (process peak)"
 
 
-def median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
-
-
 def summarize(times):
     """Median of each phase and of the step total over the timed steps, and the fastest step."""
-    phases = {k: median([t[k] for t in times]) for k in times[0]}
+    phases = {k: statistics.median([t[k] for t in times]) for k in times[0]}
     totals = [sum(t.values()) for t in times]
-    return median(totals), min(totals), phases
+    return statistics.median(totals), min(totals), phases
 
 
 def cache_features(model, batches):
@@ -422,6 +430,42 @@ def cache_features(model, batches):
     with torch.no_grad(), autocast():
         for b in batches:
             b["image"] = model.visual(b["image"].to(device)).cpu()
+
+
+def time_steps(model, optimizer, loss_fn, batches, hf=None, hf_opt=None, hf_loss=None, hf_batches=None):
+    """Time every step (ours, and the HF reference's interleaved with them, so that drifts of a shared machine hit
+    both alike); returns (our timed steps, theirs, peak memory, its unit). The first `warmup` steps are not kept."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    ours, theirs = [], []
+    for i in range(warmup + steps):
+        t = step(model, optimizer, loss_fn, batches[i])
+        if i >= warmup:
+            ours.append(t)
+        if hf is not None:
+            t = step(hf, hf_opt, hf_loss, hf_batches[i])
+            if i >= warmup:
+                theirs.append(t)
+    return ours, theirs, *peak_memory()
+
+
+def report(stage_, ours, parts_s, flops, flops_per_sample, mem, mem_unit):
+    """Print our step: time and phases, forward by part, FLOPs, MFU, memory; return them as a dict."""
+    total, fastest, phases = summarize(ours)
+    print(f"step {total * 1e3:.1f} ms (fastest {fastest * 1e3:.1f}) | {batch_size / total:.2f} samples/s | "
+          + " | ".join(f"{k} {v * 1e3:.1f} ms" for k, v in phases.items()))
+    print("forward by part: " + (" | ".join(f"{k} {v * 1e3:.1f} ms ({100 * v / phases['forward']:.0f}%)"
+                                            for k, v in parts_s.items()) or "run without --compile to see it"))
+    if "vq" in parts_s:
+        print(f"VQ term: {parts_s['vq'] * 1e3:.1f} ms = {100 * parts_s['vq'] / total:.2f}% of the stage-0 step, "
+              f"{100 * sum(flops['vq']) / (flops_per_sample * batch_size):.2f}% of its FLOPs")
+    print_flops(flops)
+    m = tc.mfu(flops_per_sample, batch_size / total, device)
+    print(f"achieved {flops_per_sample * batch_size / total / 1e12:.3g} TFLOP/s | MFU "
+          + ("n/a (CPU, or a GPU not in PEAK_FLOPS)" if m is None else f"{100 * m:.1f}%")
+          + f" | peak memory {mem:.2f} {mem_unit}")
+    return dict(stage=stage_, step_s=total, fastest_s=fastest, samples_per_sec=batch_size / total, phases=phases,
+                parts=parts_s, flops=flops, flops_per_sample=flops_per_sample, mfu=m, peak_memory=mem)
 
 
 def bench_stage(stage_):
@@ -456,42 +500,12 @@ def bench_stage(stage_):
         for m in (hf.vision_model, hf.qformer, hf.language_model):
             m.compile()
 
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    ours, theirs = [], []
-    for i in range(warmup + steps):  # interleaved, so that drifts of a shared machine hit both alike
-        t = step(model, optimizer, loss_fn, batches[i])
-        if i >= warmup:
-            ours.append(t)
-        if hf is not None:
-            t = step(hf, hf_opt, hf_loss, hf_batches[i])
-            if i >= warmup:
-                theirs.append(t)
-    mem, mem_unit = peak_memory()
-    # the forward by part, in extra steps: the part timers synchronise at every part boundary (on a GPU)
-    timer = PartTimer(model, parts)
-    n_part = min(steps, 3)
-    for batch in batches[-n_part:]:
-        step(model, optimizer, loss_fn, batch)
-    timer.remove()
-    part_times = {k: v / n_part for k, v in timer.times.items()}
-
-    total, fastest, phases = summarize(ours)
-    print(f"step {total * 1e3:.1f} ms (fastest {fastest * 1e3:.1f}) | {batch_size / total:.2f} samples/s | "
-          + " | ".join(f"{k} {v * 1e3:.1f} ms" for k, v in phases.items()))
-    print("forward by part: " + " | ".join(f"{k} {v * 1e3:.1f} ms ({100 * v / phases['forward']:.0f}%)"
-                                           for k, v in part_times.items()))
-    if "vq" in part_times:
-        print(f"VQ term: {part_times['vq'] * 1e3:.1f} ms = {100 * part_times['vq'] / total:.2f}% of the stage-0 step, "
-              f"{100 * sum(flops['vq']) / (flops_per_sample * batch_size):.2f}% of its FLOPs")
-    print_flops(flops)
-    m = tc.mfu(flops_per_sample, batch_size / total, device)
-    print(f"achieved {flops_per_sample * batch_size / total / 1e12:.3g} TFLOP/s | MFU "
-          + ("n/a (CPU, or a GPU not in PEAK_FLOPS)" if m is None else f"{100 * m:.1f}%")
-          + f" | peak memory {mem:.2f} {mem_unit}")
-    result = dict(stage=stage_, step_s=total, fastest_s=fastest, samples_per_sec=batch_size / total, phases=phases,
-                  parts=part_times, flops=flops, flops_per_sample=flops_per_sample, mfu=m, peak_memory=mem)
+    ours, theirs, mem, mem_unit = time_steps(model, optimizer, loss_fn, batches, hf, hf_opt, hf_loss, hf_batches)
+    # the forward by part, in extra steps under torch.profiler (eager runs only)
+    parts_s = {} if compile else part_times(model, optimizer, loss_fn, batches[-min(steps, 3):], parts)
+    result = report(stage_, ours, parts_s, flops, flops_per_sample, mem, mem_unit)
     if theirs:
+        total, fastest = result["step_s"], result["fastest_s"]
         hf_total, hf_fastest, hf_phases = summarize(theirs)
         print(f"HF Blip2ForConditionalGeneration: step {hf_total * 1e3:.1f} ms (fastest {hf_fastest * 1e3:.1f}) | "
               f"{batch_size / hf_total:.2f} samples/s | {hf_flops_per_sample / 1e9:.4g} GFLOP per sample | "

@@ -1,108 +1,81 @@
 """
-Training mechanics shared by train_pformer.py, train_stage1.py and train_stage2.py: distributed setup, mixed
-precision, the lr schedule, the optimizer, checkpoint I/O, cross-rank averaging, logging and MFU.
-The scripts themselves read as recipes; everything here is method-agnostic.
+Training mechanics shared by train_pformer.py, train_stage1.py and train_stage2.py, method-agnostic: config checks,
+mixed precision, the lr schedule, the optimizer, checkpoints, the data position, logging and MFU, and the training
+loop itself (`train`, at the end). The scripts read as recipes; distributed.py has the process group.
+
+What a long run can count on: a nan or inf loss stops the run, naming the step, before it can replace the last good
+checkpoint; checkpoints are written atomically and never with non-finite weights; a run from scratch never
+overwrites an earlier run's checkpoint unless asked; a data source that cannot fill one batch stops the run at once;
+a killed run resumes exactly (weights, optimizer, step, data position, random state) with init_from='resume'.
 """
+import glob
 import json
 import math
 import os
 import random
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.flop_counter import FlopCounterMode
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.flop_counter import FlopCounterMode
+
+from backbones import DTYPES
+from distributed import all_reduce_mean, is_master
+from model import compile_blocks, load_weights, read_checkpoint
 
 # -----------------------------------------------------------------------------
-# distributed setup
+# config checks, seeding, mixed precision
 
 
-@dataclass(frozen=True)
-class Dist:
-    """Where this process sits in the run."""
-    ddp: bool
-    rank: int
-    local_rank: int
-    world_size: int
-    device: str  # 'cuda:3' or 'cpu'
-    master: bool  # rank 0 does the logging and checkpointing
+def check_config(cfg):
+    """Fail at start-up, naming the key, on values that would otherwise fail (or loop forever) later."""
+    def fail(key, why):
+        raise ValueError(f"config key {key!r} = {cfg[key]!r}: {why}")
+
+    for key in ("batch_size", "grad_accum", "max_steps", "lr_decay_steps", "log_interval", "eval_interval",
+                "ckpt_interval"):
+        if cfg[key] < 1:
+            fail(key, "must be at least 1")
+    for key in ("warmup_steps", "eval_batches", "grad_clip", "weight_decay", "lr", "min_lr", "warmup_start_lr"):
+        if cfg[key] < 0:
+            fail(key, "must not be negative")
+    if cfg["dtype"] not in DTYPES:
+        fail("dtype", f"one of {', '.join(DTYPES)}")
+    betas = cfg["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
+        fail("betas", "two numbers in [0, 1), e.g. (0.9, 0.98)")
+    if cfg["init_from"] not in ("scratch", "resume"):
+        fail("init_from", "'scratch' or 'resume'")
 
 
-def setup_distributed(device='cuda'):
-    """Join the process group when launched by torchrun (RANK is set), else run as one plain process on device."""
-    if device.startswith('cuda') and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device!r} but CUDA is not available; pass --device=cpu")
-    if 'RANK' not in os.environ:
-        if device == 'cuda':
-            device = 'cuda:0'
-        if device.startswith('cuda'):
-            torch.cuda.set_device(device)
-        return Dist(ddp=False, rank=0, local_rank=0, world_size=1, device=device, master=True)
-    rank, local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
-    world_size = int(os.environ['WORLD_SIZE'])
-    if device.startswith('cuda'):
-        device = f'cuda:{local_rank}'  # one GPU per process, picked by torchrun's local rank
-        torch.cuda.set_device(device)
-        dist.init_process_group(backend='nccl', device_id=torch.device(device))
-    else:
-        dist.init_process_group(backend='gloo')
-    return Dist(ddp=True, rank=rank, local_rank=local_rank, world_size=world_size, device=device,
-                master=rank == 0)
-
-
-def cleanup_distributed():
-    """Leave the process group, if there is one."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def is_master():
-    """True on rank 0 and in a single-process run."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def all_reduce_mean(tensor):
-    """The mean of tensor over all ranks (a new tensor); tensor itself in a single-process run."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return tensor
-    tensor = tensor.detach().clone()
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)  # gloo has no ReduceOp.AVG
-    return tensor / dist.get_world_size()
-
-
-def seed_everything(seed, rank):
-    """Seed python, numpy and torch (all devices). Ranks get different seeds so their augmentations differ;
-    the model's random init still agrees across ranks because DDP broadcasts rank 0's weights when wrapping."""
-    seed = seed + rank
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-# -----------------------------------------------------------------------------
-# mixed precision
-
-
-DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+def seed_everything(seed, rank=0):
+    """Seed python, numpy and torch (all devices) with seed + rank. The scripts build the model after
+    seed_everything(seed) on every rank, so that even random frozen weights agree across ranks (DDP does not
+    broadcast frozen weights); `train` then reseeds with the rank, so that dropout differs between ranks."""
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
 
 
 def autocast_context(device, dtype_name):
     """torch.autocast for CUDA in bfloat16/float16; a no-op context on CPU or in float32."""
     dtype = DTYPES[dtype_name]
-    if not device.startswith('cuda') or dtype == torch.float32:
+    if not device.startswith("cuda") or dtype == torch.float32:
         return nullcontext()
-    return torch.autocast('cuda', dtype=dtype)
+    return torch.autocast("cuda", dtype=dtype)
 
 
 def make_grad_scaler(device, dtype_name):
     """A GradScaler that is live only for float16 on CUDA (bfloat16 has float32's range and needs none);
     disabled, its scale/step/update calls pass straight through, so the training loop is the same either way."""
     assert dtype_name in DTYPES, dtype_name
-    return torch.amp.GradScaler('cuda', enabled=device.startswith('cuda') and dtype_name == 'float16')
+    return torch.amp.GradScaler("cuda", enabled=device.startswith("cuda") and dtype_name == "float16")
 
 # -----------------------------------------------------------------------------
 # optimization
@@ -125,13 +98,13 @@ def make_optimizer(model, *, lr, weight_decay, betas, device):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 and not name.endswith('bias') else no_decay).append(p)
+            (decay if p.ndim >= 2 and not name.endswith("bias") else no_decay).append(p)
     if is_master():
         print(f"optimizer: {len(decay)} decayed tensors ({sum(p.numel() for p in decay):,} parameters), "
               f"{len(no_decay)} non-decayed tensors ({sum(p.numel() for p in no_decay):,} parameters)")
-    groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # the fused kernel is one launch per step instead of several per tensor; CUDA only
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.startswith('cuda'))
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.startswith("cuda"))
 
 # -----------------------------------------------------------------------------
 # checkpoints
@@ -139,13 +112,16 @@ def make_optimizer(model, *, lr, weight_decay, betas, device):
 
 def save_checkpoint(path, state):
     """torch.save(state, path) atomically: the file at path is either the old checkpoint or the complete new one,
-    never half a file, even if the job is killed mid-write (a real risk with multi-GB states on shared disks)."""
+    never half a file, even if the job is killed mid-write. Weights that are not finite are never written."""
+    for k, v in state.get("model", {}).items():
+        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+            raise RuntimeError(f"not writing {path}: weight {k} is not finite (nan or inf)")
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     # the temp file sits in the same directory so that os.replace is a rename on one filesystem, hence atomic
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + '.', suffix='.tmp')
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, 'wb') as f:
+        with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
@@ -160,34 +136,9 @@ def save_checkpoint(path, state):
         os.close(dir_fd)
 
 
-def load_checkpoint(path, expect_stage=None):
-    """The state dict saved at path, on CPU; checks state['stage'] == expect_stage unless expect_stage is None.
-    Loaded with weights_only=True, so a checkpoint holds tensors and plain python values (no numpy arrays)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        # on CPU: every rank loads the file, and map_location=device would put all their copies on one GPU
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{path} is not a readable torch checkpoint (corrupt or truncated?): {first_line}") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a training checkpoint dict")
-    if expect_stage is not None and state.get('stage') != expect_stage:
-        found = f"a stage-{state['stage']} checkpoint" if 'stage' in state else "a checkpoint without a 'stage' entry"
-        raise ValueError(f"{path} is {found}, expected stage {expect_stage}")
-    return state
-
-
 def unwrap_model(model):
-    """The plain module inside DDP and/or torch.compile wrappers (in either order)."""
-    while True:
-        if isinstance(model, DDP):
-            model = model.module
-        elif hasattr(model, '_orig_mod'):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        else:
-            return model
+    """The plain module inside a DDP wrapper."""
+    return model.module if isinstance(model, DDP) else model
 
 
 def trainable_state_dict(model):
@@ -195,24 +146,81 @@ def trainable_state_dict(model):
     return {n: p.detach() for n, p in unwrap_model(model).named_parameters() if p.requires_grad}
 
 
-def load_trainable_state_dict(model, state_dict, source):
-    """Copy state_dict into the model's trainable parameters. It must match them exactly: the same names
-    (none missing, none extra) and shapes; a mismatch raises an error naming source and the first offending keys."""
-    params = {n: p for n, p in unwrap_model(model).named_parameters() if p.requires_grad}
-    missing = [k for k in params if k not in state_dict]
-    extra = [k for k in state_dict if k not in params]
-    mismatched = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(params[k].shape)}"
-                  for k in params if k in state_dict and state_dict[k].shape != params[k].shape]
+def prepare_out_dir(cfg):
+    """out_dir/ckpt.pt, after two start-up checks: a run from scratch never replaces an earlier run's checkpoint
+    (unless cfg['overwrite']), and the temp files of a checkpoint write that was killed are removed."""
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    if cfg["init_from"] == "scratch" and os.path.isfile(ckpt_path) and not cfg["overwrite"]:
+        raise FileExistsError(f"{ckpt_path} holds an earlier run: continue it with --init_from=resume, choose "
+                              f"another --out_dir, or start over in this one with --overwrite=True")
+    if is_master():
+        for tmp in glob.glob(ckpt_path + ".*.tmp"):
+            os.remove(tmp)
+    return ckpt_path
 
-    def first_few(keys):
-        return ', '.join(keys[:5]) + (f' and {len(keys) - 5} more' if len(keys) > 5 else '')
-    problems = [f"{what} ({len(keys)}): {first_few(keys)}"
-                for what, keys in [('missing', missing), ('unexpected', extra), ('shape mismatch', mismatched)] if keys]
-    if problems:
-        raise ValueError(f"{source} does not match the model's trainable parameters: " + '; '.join(problems))
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(state_dict[k])
+
+@dataclass
+class Position:
+    """Where the run is: optimizer steps taken, and the data position (epoch, batches of it consumed by each rank)."""
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    skipped: int = 0  # unreadable samples passed over since the last log line
+
+    def advance(self, epoch, batch):
+        if epoch != self.epoch:
+            self.epoch, self.batch_in_epoch = epoch, 0
+        self.batch_in_epoch += 1
+        self.skipped += batch.get("skipped", 0)
+
+
+def save(path, model, optimizer, scaler, position, generators, cfg, dist_info, stage):
+    """Every rank's torch RNG state goes in, so that a resumed run draws the same dropout."""
+    rng = {"cpu": torch.get_rng_state()}
+    if dist_info.device.startswith("cuda"):
+        rng["cuda"] = torch.cuda.get_rng_state(dist_info.device)
+    rngs = [rng]
+    if dist_info.ddp:
+        rngs = [None] * dist_info.world_size
+        dist.all_gather_object(rngs, rng)
+    if dist_info.master:
+        save_checkpoint(path, dict(
+            stage=stage, model=trainable_state_dict(model), optimizer=optimizer.state_dict(),
+            scaler=scaler.state_dict(), step=position.step, epoch=position.epoch,
+            batch_in_epoch=position.batch_in_epoch, world_size=dist_info.world_size, config=cfg, rng=rngs,
+            generators={name: g.get_state() for name, g in generators.items()}))
+
+
+def restore(path, model, optimizer, scaler, generators, cfg, dist_info, stage):
+    """Load a checkpoint of this run and return its Position. The same batch size and world size resume exactly.
+    Otherwise an annotation-file run continues its epoch after the same number of samples (rounded down to a
+    multiple of the new global batch) with the random state of rank (rank % old world size); a tar-shard run,
+    whose shards were dealt to the old ranks and workers, cannot and stops."""
+    state = read_checkpoint(path, expect_stage=stage)
+    load_weights(model, state["model"], path, trainable_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    rng = state["rng"][dist_info.rank % len(state["rng"])]
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and dist_info.device.startswith("cuda"):
+        torch.cuda.set_rng_state(rng["cuda"], dist_info.device)
+    for name, g in generators.items():
+        g.set_state(state["generators"][name])
+    position = Position(state["step"], state["epoch"], state["batch_in_epoch"])
+    old = (state["config"]["batch_size"], state.get("world_size", 1), state["config"]["num_workers"])
+    new = (cfg["batch_size"], dist_info.world_size, cfg["num_workers"])
+    if old != new:
+        if cfg.get("train_shards"):
+            raise ValueError(f"{path} was written with batch_size, world size, num_workers = {old}, this run has "
+                             f"{new}: a tar-shard run resumes only with the same (the shards are dealt to them)")
+        samples = position.batch_in_epoch * old[0] * old[1]
+        position.batch_in_epoch = samples // (new[0] * new[1])
+        if dist_info.master:
+            print(f"resuming with batch_size, world size = {new[:2]} instead of {old[:2]}: epoch {position.epoch} "
+                  f"continues after {position.batch_in_epoch * new[0] * new[1]} of its samples ({samples} were seen)")
+    if dist_info.master:
+        print(f"resuming from {path} at step {position.step} (epoch {position.epoch}, batch {position.batch_in_epoch})")
+    return position
 
 # -----------------------------------------------------------------------------
 # data
@@ -222,27 +230,40 @@ def infinite_batches(loader, start_epoch=0, start_index=0, steps_per_epoch=None)
     """Yield (epoch, batch) forever. Before each epoch, tell the sampler / dataset which epoch it is (so the
     shuffle changes) and, in the first epoch only, where to resume: start_index goes as is to the sampler's
     set_start (samples per rank) or the iterable dataset's skip (samples per rank-and-worker stream).
-    steps_per_epoch ends every epoch after that many batches: tar-shard ranks get unequal sample counts, and a
-    fixed count keeps all ranks in the same epoch. None runs each epoch to the end of the loader."""
+    steps_per_epoch ends every epoch after that many batches. An epoch from its start that yields no batch at all
+    stops the run, naming the data: it would otherwise loop over empty epochs forever."""
     epoch, start = start_epoch, start_index
     while True:
         for obj in (loader.sampler, loader.batch_sampler, loader.dataset):
-            if hasattr(obj, 'set_epoch'):
+            if hasattr(obj, "set_epoch"):
                 obj.set_epoch(epoch)
             # after set_epoch, which a skip refers to; every epoch, since a start left by an epoch cut short
             # by steps_per_epoch must not carry over
-            if hasattr(obj, 'set_start'):
+            if hasattr(obj, "set_start"):
                 obj.set_start(start)
-            if hasattr(obj, 'skip'):
+            if hasattr(obj, "skip"):
                 obj.skip(start)
-        for step, batch in enumerate(loader):
-            if step == steps_per_epoch:
-                break
+        n = 0
+        for n, batch in enumerate(loader, 1):
             yield epoch, batch
+            if n == steps_per_epoch:
+                break
+        if n == 0 and start == 0:
+            source = getattr(loader.dataset, "source", type(loader.dataset).__name__)
+            raise RuntimeError(f"no batch of {loader.batch_size} samples could be formed from {source} in epoch "
+                               f"{epoch}: fewer usable samples per rank than one batch (too small, or unreadable)")
         epoch, start = epoch + 1, 0
 
+
+def data_start(loader, position, cfg):
+    """Samples to pass over at the start of the resumed epoch: per rank for a sampler, per (rank, worker) stream
+    for tar shards (whose DataLoader workers deliver batches round-robin)."""
+    if isinstance(loader.dataset, torch.utils.data.IterableDataset):
+        return position.batch_in_epoch * cfg["batch_size"] // max(1, loader.num_workers)
+    return position.batch_in_epoch * cfg["batch_size"]
+
 # -----------------------------------------------------------------------------
-# logging and MFU
+# logging, MFU, and the watch for non-finite values
 
 
 class Logger:
@@ -250,7 +271,7 @@ class Logger:
 
     def __init__(self, out_dir, master, wandb_log=False, wandb_project=None, wandb_run_name=None, config=None):
         self.master = master
-        self.path = os.path.join(out_dir, 'log.jsonl')
+        self.path = os.path.join(out_dir, "log.jsonl")
         self.wandb = None
         if master:
             os.makedirs(out_dir, exist_ok=True)
@@ -261,13 +282,22 @@ class Logger:
 
     def keep_until(self, step):
         """Start the log at `step`: drop the lines of later steps (an interrupted run logged past the checkpoint it
-        resumes from) or, at step 0, the whole file of an earlier run, so that log.jsonl holds one run's curve."""
+        resumes from) or, at step 0, the whole file of an earlier run, so that log.jsonl holds one run's curve.
+        A line that is not JSON (a write cut short by a full disk or a kill) is dropped with a warning."""
         if not self.master or not os.path.isfile(self.path):
             return
+        kept = []
         with open(self.path) as f:
-            kept = [line for line in f if step and json.loads(line).get('step', 0) <= step]
-        tmp = self.path + '.tmp'
-        with open(tmp, 'w') as f:
+            for lineno, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    warnings.warn(f"{self.path} line {lineno} is not JSON (cut short?): dropped")
+                    continue
+                if step and row.get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
             f.writelines(kept)
         os.replace(tmp, self.path)
 
@@ -282,162 +312,149 @@ class Logger:
         for k, v in metrics.items():
             if v is None:
                 continue
-            if k == 'samples_per_sec':
+            if k == "samples_per_sec":
                 parts.append(f"{v:.1f} samples/s")
-            elif k == 'mfu':
+            elif k == "mfu":
                 parts.append(f"mfu {100 * v:.1f}%")
             elif isinstance(v, float):
                 parts.append(f"{k} {v:.4g}")
             else:
                 parts.append(f"{k} {v}")
-        print(' | '.join(parts), flush=True)
-        with open(self.path, 'a') as f:
-            f.write(json.dumps({'step': step, 'time': time.time(), **metrics}) + '\n')
+        print(" | ".join(parts), flush=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in metrics.items() if v is not None}, step=step)
 
 
-# dense bf16/fp16 tensor-core peak FLOP/s per GPU, matched in order as substrings of torch.cuda.get_device_name
+# dense bf16/fp16 tensor-core peak FLOP/s of the whole GPU and its SM count, matched in order as substrings of
+# torch.cuda.get_device_name; a MIG slice gets the share of the peak that its SMs are
 PEAK_FLOPS = [
-    ('H100 PCIe', 756e12),
-    ('H100', 989e12),
-    ('H200', 989e12),
-    ('A100', 312e12),
-    ('L40S', 362e12),
-    ('A10G', 125e12),
-    ('RTX 4090', 165e12),
-    ('V100', 125e12),
+    ("H100 PCIe", 756e12, 114),
+    ("H100 NVL", 835e12, 132),
+    ("H100", 989e12, 132),
+    ("H200 NVL", 835e12, 132),
+    ("H200", 989e12, 132),
+    ("A100", 312e12, 108),
+    ("L40S", 362e12, 142),
+    ("A10G", 125e12, 80),
+    ("RTX 4090", 165e12, 128),
+    ("V100", 125e12, 80),
 ]
+
+
+def peak_flops(device):
+    """The dense half-precision peak of the GPU `device` (scaled to its SMs for a MIG slice), or None."""
+    if not device.startswith("cuda"):
+        return None
+    name, sms = torch.cuda.get_device_name(device), torch.cuda.get_device_properties(device).multi_processor_count
+    for key, peak, full_sms in PEAK_FLOPS:
+        if key in name:
+            return peak * min(1.0, sms / full_sms)
+    return None
 
 
 def mfu(flops_per_sample, samples_per_sec, device):
     """Model FLOPs utilization of one GPU (samples_per_sec is that GPU's throughput), as a fraction of its peak;
     None on CPU or on a GPU not in PEAK_FLOPS."""
-    if not device.startswith('cuda'):
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, peak in PEAK_FLOPS:
-        if key in name:
-            return flops_per_sample * samples_per_sec / peak
-    return None
+    peak = peak_flops(device)
+    return None if peak is None or not flops_per_sample else flops_per_sample * samples_per_sec / peak
+
+
+@contextmanager
+def counting_flops():
+    """torch's FLOP counter (matrix products and attention, forward and backward) around one micro-step, run
+    eagerly: compiled code would hide its operations from the counter."""
+    counter = FlopCounterMode(display=False)
+    with torch.compiler.set_stance("force_eager"), counter:
+        yield counter
+
+
+class NonFiniteWatch:
+    """Watches the loss (and, without a GradScaler, the gradient norm) for nan / inf without a host sync per step:
+    a flag on the device keeps the first bad step; check() reads it (at log and checkpoint steps, on all ranks
+    together) and stops the run. Under fp16 the GradScaler skips steps with inf gradients by design."""
+
+    def __init__(self, device, check_grads):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.check_grads = check_grads
+
+    def record(self, step, loss, grad_norm):
+        bad = ~torch.isfinite(loss.detach())
+        if self.check_grads:
+            bad = bad | ~torch.isfinite(grad_norm)
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+
+    def check(self, ckpt_path):
+        flag = self.first_bad.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops together, none waits in a collective
+        if flag.item() >= 0:
+            kept = f"{ckpt_path} still holds the last good checkpoint" if os.path.isfile(ckpt_path) else \
+                "no checkpoint was written"
+            raise FloatingPointError(f"the loss or gradient norm was not finite (nan or inf) at step {flag.item() + 1}:"
+                                     f" run stopped; {kept}. Lower the lr, or train in bfloat16 / float32")
 
 # -----------------------------------------------------------------------------
 # the training loop, the same for every stage
 
 
-def train(*, model, loss_fn, loader, val_loader, cfg, dist_info, stage, generators=None):
-    """Train `model` for cfg['max_steps'] optimizer steps and return it (unwrapped).
+def prepare_model(model, cfg, dist_info):
+    """(the model, the model to call): its blocks compiled in place with cfg['compile'], wrapped in DDP under
+    torchrun. DDP neither broadcasts nor watches the frozen weights and the buffers: every rank builds the same
+    frozen parts (from the same files, or the same seed), and broadcasting a ViT-g + OPT-2.7b is about 7 GB."""
+    if cfg["compile"]:
+        compile_blocks(model)  # the blocks only: the captions' Python stays eager (see there)
+    if not dist_info.ddp:
+        return model, model
+    ignore = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
+    return model, DDP(model, device_ids=[dist_info.local_rank] if dist_info.device.startswith("cuda") else None)
 
-    loss_fn(model, batch) -> {"loss": total, <term>: value, ...}, run under autocast; every term is logged.
-    cfg: the script's config (see train_stage1.py for the keys). generators: {name: torch.Generator} whose
-    state is checkpointed with the run (e.g. the one that draws the ITM negatives).
-    With cfg['init_from'] == 'resume' the run continues from out_dir/ckpt.pt: weights, optimizer, grad scaler,
-    step, data position and random state, so that it ends where an uninterrupted run would."""
-    device, master = dist_info.device, dist_info.master
-    generators = generators or {}
-    ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
-    logger = Logger(cfg['out_dir'], master, cfg['wandb_log'], cfg['wandb_project'], cfg['wandb_run_name'], cfg)
-    optimizer = make_optimizer(model, lr=cfg['lr'], weight_decay=cfg['weight_decay'], betas=tuple(cfg['betas']),
-                               device=device)
-    scaler = make_grad_scaler(device, cfg['dtype'])
-    step, epoch, batch_in_epoch = 0, 0, 0
-    if cfg['init_from'] == 'resume':
-        state = load_checkpoint(ckpt_path, expect_stage=stage)
-        load_trainable_state_dict(model, state['model'], ckpt_path)
-        optimizer.load_state_dict(state['optimizer'])
-        scaler.load_state_dict(state['scaler'])
-        step, epoch, batch_in_epoch = state['step'], state['epoch'], state['batch_in_epoch']
-        rng = state['rng'][dist_info.rank % len(state['rng'])]
-        torch.set_rng_state(rng['cpu'])
-        if 'cuda' in rng and device.startswith('cuda'):
-            torch.cuda.set_rng_state(rng['cuda'], device)
-        for name, g in generators.items():
-            g.set_state(state['generators'][name])
-        if master:
-            print(f"resuming from {ckpt_path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
-    elif cfg['init_from'] != 'scratch':
-        raise ValueError(f"init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
-    logger.keep_until(step)
-    raw_model = model
-    if cfg['compile']:
-        from model import compile_blocks  # the blocks only: the captions' Python stays eager (see there)
-        compile_blocks(model)
-    if dist_info.ddp:
-        # broadcast_buffers=False: the buffers here are constants (position ids, RoPE tables), no BatchNorm stats
-        model = DDP(model, device_ids=[dist_info.local_rank] if device.startswith('cuda') else None,
-                    broadcast_buffers=False)
-    trainable = [p for p in raw_model.parameters() if p.requires_grad]
-    flops_per_sample = None  # counted on the first step: frozen forwards, the backward to the soft prompt, all
 
-    def save():
-        """Every rank's torch RNG state goes in, so that a resumed run draws the same dropout and crops."""
-        rng = {'cpu': torch.get_rng_state()}
-        if device.startswith('cuda'):
-            rng['cuda'] = torch.cuda.get_rng_state(device)
-        if dist_info.ddp:
-            rngs = [None] * dist_info.world_size
-            dist.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
-        if master:
-            save_checkpoint(ckpt_path, dict(
-                stage=stage, model=trainable_state_dict(raw_model), optimizer=optimizer.state_dict(),
-                scaler=scaler.state_dict(), step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, config=cfg,
-                rng=rngs, generators={name: g.get_state() for name, g in generators.items()}))
+def forward_backward(model, loss_fn, batches, position, scaler, cfg, dist_info, count_flops=False):
+    """cfg['grad_accum'] micro-steps of forward and backward. Returns the last micro-step's losses and, with
+    count_flops, the FLOPs per sample of the first micro-step (else None)."""
+    flops = None
+    for micro in range(cfg["grad_accum"]):
+        epoch, batch = next(batches)
+        position.advance(epoch, batch)
+        # DDP all-reduces gradients only on the last micro-step; no_sync() makes a one-use context each time
+        sync = model.no_sync() if dist_info.ddp and micro < cfg["grad_accum"] - 1 else nullcontext()
+        counter = counting_flops() if count_flops and micro == 0 else nullcontext()
+        with sync, counter as flop_counter:
+            with autocast_context(dist_info.device, cfg["dtype"]):
+                losses = loss_fn(model, batch)
+            scaler.scale(losses["loss"] / cfg["grad_accum"]).backward()
+        if flop_counter is not None:
+            flops = flop_counter.get_total_flops() / len(batch["text"])
+    return losses, flops
 
-    # resume where the data stopped: samples per rank for a sampler, per rank-and-worker stream for shards
-    per_stream = cfg['batch_size'] // max(1, loader.num_workers) if _is_stream(loader) else cfg['batch_size']
-    batches = infinite_batches(loader, start_epoch=epoch, start_index=batch_in_epoch * per_stream)
+
+def optimizer_step(optimizer, scaler, params, cfg):
+    """Unscale, clip (grad_clip > 0), step, zero the gradients; returns the gradient norm (before clipping)."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+@torch.no_grad()
+def evaluate(model, loss_fn, loader, cfg, device):
+    """Mean total loss over at most cfg['eval_batches'] validation batches, averaged over ranks; None when there is
+    no batch to evaluate (never a made-up 0)."""
+    model.eval()
+    total, n = torch.zeros((), device=device), 0
+    for batch in loader:
+        if n == cfg["eval_batches"]:
+            break
+        with autocast_context(device, cfg["dtype"]):
+            total += loss_fn(model, batch)["loss"].float()
+        n += 1
     model.train()
-    skipped, t0 = 0, time.time()
-    while step < cfg['max_steps']:
-        lr = cosine_lr(step, warmup_steps=cfg['warmup_steps'], max_steps=cfg['lr_decay_steps'], lr=cfg['lr'],
-                       min_lr=cfg['min_lr'], warmup_start_lr=cfg['warmup_start_lr'])
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        for micro in range(cfg['grad_accum']):
-            batch_epoch, batch = next(batches)
-            if batch_epoch != epoch:
-                epoch, batch_in_epoch = batch_epoch, 0
-            batch_in_epoch += 1
-            skipped += batch.get('skipped', 0)
-            last = micro == cfg['grad_accum'] - 1
-            # DDP all-reduces gradients only on the last micro-step
-            sync = model.no_sync() if dist_info.ddp and not last else nullcontext()
-            # the first micro-step runs under torch's FLOP counter (matmuls and attention, forward and backward);
-            # under torch.compile it would see no ops, so compiled runs report no MFU
-            count = FlopCounterMode(display=False) if flops_per_sample is None and not cfg['compile'] else None
-            with count or nullcontext():
-                with sync, autocast_context(device, cfg['dtype']):
-                    losses = loss_fn(model, batch)
-                with sync:
-                    scaler.scale(losses['loss'] / cfg['grad_accum']).backward()
-            if count is not None:
-                flops_per_sample = count.get_total_flops() / len(batch['text'])
-                if master:
-                    print(f"training step: {flops_per_sample / 1e9:.3g} GFLOP per sample (torch.utils.flop_counter)")
-        if cfg['grad_clip'] > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable, cfg['grad_clip'])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if step % cfg['log_interval'] == 0 or step == cfg['max_steps']:
-            dt = time.time() - t0
-            samples_per_sec = cfg['log_interval'] * cfg['grad_accum'] * cfg['batch_size'] / dt
-            logger.log(step, {**{k: v.detach().float() for k, v in losses.items()}, 'lr': lr,
-                              'samples_per_sec': samples_per_sec, 'skipped': skipped, 'epoch': epoch,
-                              'mfu': mfu(flops_per_sample, samples_per_sec, device) if flops_per_sample else None})
-            t0 = time.time()
-        if val_loader is not None and (step % cfg['eval_interval'] == 0 or step == cfg['max_steps']):
-            with preserved_rng(generators.values()):  # validation must not change what training draws next
-                val_loss = evaluate(model, loss_fn, val_loader, cfg, device)
-            logger.log(step, {'val_loss': val_loss})
-            t0 = time.time()
-        if step % cfg['ckpt_interval'] == 0 or step == cfg['max_steps']:
-            save()
-    return raw_model
+    return None if n == 0 else all_reduce_mean(total / n)
 
 
 @contextmanager
@@ -455,20 +472,62 @@ def preserved_rng(generators=()):
             torch.cuda.set_rng_state_all(cuda)
 
 
-def _is_stream(loader):
-    return isinstance(loader.dataset, torch.utils.data.IterableDataset)
+def train(*, model, loss_fn, loader, val_loader, cfg, dist_info, stage, generators=None):
+    """Train `model` for cfg['max_steps'] optimizer steps and return it.
 
-
-@torch.no_grad()
-def evaluate(model, loss_fn, loader, cfg, device):
-    """Mean total loss over at most cfg['eval_batches'] validation batches, averaged over ranks."""
-    model.eval()
-    total, n = torch.zeros((), device=device), 0
-    for i, batch in enumerate(loader):
-        if i == cfg['eval_batches']:
-            break
-        with autocast_context(device, cfg['dtype']):
-            total += loss_fn(model, batch)['loss'].float()
-        n += 1
-    model.train()
-    return all_reduce_mean(total / max(n, 1))
+    loss_fn(model, batch) -> {"loss": total, <term>: value, ...}, run under autocast; every term is logged.
+    cfg: the script's config (see train_stage1.py for the keys). generators: {name: torch.Generator} whose
+    state is checkpointed with the run (e.g. the one that draws the ITM negatives).
+    With cfg['init_from'] == 'resume' the run continues from out_dir/ckpt.pt: weights, optimizer, grad scaler,
+    step, data position and random state, so that it ends where an uninterrupted run would."""
+    generators, device, master = generators or {}, dist_info.device, dist_info.master
+    seed_everything(cfg["seed"], dist_info.rank)
+    ckpt_path = prepare_out_dir(cfg)
+    logger = Logger(cfg["out_dir"], master, cfg["wandb_log"], cfg["wandb_project"], cfg["wandb_run_name"], cfg)
+    optimizer = make_optimizer(model, lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=tuple(cfg["betas"]),
+                               device=device)
+    scaler = make_grad_scaler(device, cfg["dtype"])
+    position = Position()
+    if cfg["init_from"] == "resume":
+        position = restore(ckpt_path, model, optimizer, scaler, generators, cfg, dist_info, stage)
+    logger.keep_until(position.step)
+    model, net = prepare_model(model, cfg, dist_info)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    batches = infinite_batches(loader, position.epoch, data_start(loader, position, cfg))
+    watch = NonFiniteWatch(device, check_grads=not scaler.is_enabled())
+    flops_per_sample, t0 = None, time.time()
+    net.train()
+    while position.step < cfg["max_steps"]:
+        lr = cosine_lr(position.step, warmup_steps=cfg["warmup_steps"], max_steps=cfg["lr_decay_steps"],
+                       lr=cfg["lr"], min_lr=cfg["min_lr"], warmup_start_lr=cfg["warmup_start_lr"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        losses, flops = forward_backward(net, loss_fn, batches, position, scaler, cfg, dist_info,
+                                         count_flops=flops_per_sample is None)
+        if flops is not None:
+            flops_per_sample = flops
+            if master:
+                print(f"training step: {flops_per_sample / 1e9:.3g} GFLOP per sample (torch.utils.flop_counter)")
+        grad_norm = optimizer_step(optimizer, scaler, trainable, cfg)
+        watch.record(position.step, losses["loss"], grad_norm)
+        position.step += 1
+        last = position.step == cfg["max_steps"]
+        if position.step % cfg["log_interval"] == 0 or last:
+            watch.check(ckpt_path)
+            samples_per_sec = cfg["log_interval"] * cfg["grad_accum"] * cfg["batch_size"] / (time.time() - t0)
+            losses = {k: all_reduce_mean(v.detach().float()) for k, v in losses.items()}  # the global batch's
+            logger.log(position.step, {**losses, "lr": lr,
+                                       "grad_norm": grad_norm.float(), "samples_per_sec": samples_per_sec,
+                                       "skipped": position.skipped, "epoch": position.epoch,
+                                       "mfu": mfu(flops_per_sample, samples_per_sec, device)})
+            position.skipped, t0 = 0, time.time()
+        if val_loader is not None and cfg["eval_batches"] and (position.step % cfg["eval_interval"] == 0 or last):
+            with preserved_rng(generators.values()):  # validation must not change what training draws next
+                val_loss = evaluate(net, loss_fn, val_loader, cfg, device)
+            if val_loss is not None:
+                logger.log(position.step, {"val_loss": val_loss})
+            t0 = time.time()
+        if position.step % cfg["ckpt_interval"] == 0 or last:
+            watch.check(ckpt_path)
+            save(ckpt_path, model, optimizer, scaler, position, generators, cfg, dist_info, stage)
+    return model

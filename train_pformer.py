@@ -12,13 +12,16 @@ import sys
 import train_common as tc
 from configurator import apply_overrides, config_snapshot
 from data import text_loader
+from distributed import cleanup_distributed, setup_distributed
 from model import Blip2Config, PFormerStage0
+from pretrained import init_from_bert
 
 # -----------------------------------------------------------------------------
 # default config: the P-Former paper's stage 0 with OPT-2.7b, on the captions of the 4M pairs, batch 8 x 48
 # I/O
 out_dir = "out/pformer"
 init_from = "scratch"  # 'scratch' or 'resume' (continue from out_dir/ckpt.pt)
+overwrite = False  # True: a run from scratch may replace the checkpoint of an earlier run in out_dir
 log_interval = 50
 eval_interval = 2000
 eval_batches = 50
@@ -34,7 +37,7 @@ val_text = ["data/coco/annotations/coco_karpathy_val.json"]
 num_workers = 4
 # model (the names of model.Blip2Config): a BERT-base encoder, 32 prompt vectors for OPT-2.7b
 bert = "bert-base-uncased"
-qformer_init_from_bert = True
+qformer_init_from_bert = True  # the P-Former's encoder starts as BERT
 num_query_tokens = 32  # prompt vectors; the same number as the Q-Former's queries in stages 1 and 2
 hidden_size = 768
 num_layers = 12
@@ -47,6 +50,7 @@ max_txt_len = 32
 mask_rate = 0.25
 llm_model = "facebook/opt-2.7b"
 llm_dtype = "float16"
+llm_dropout = False  # True: OPT's own dropout (0.1) on in the LM loss, as the official code leaves it (train mode)
 t5_prefix_split = True  # FlanT5 only: split each sentence at a random word into prefix and target
 # optimization
 batch_size = 48  # per GPU; x 8 GPUs = 384
@@ -68,18 +72,22 @@ seed = 1337
 # -----------------------------------------------------------------------------
 apply_overrides(globals(), sys.argv[1:])
 config = config_snapshot(globals())
+tc.check_config(config)
 # -----------------------------------------------------------------------------
 
-dist_info = tc.setup_distributed(device)
-tc.seed_everything(seed, dist_info.rank)
+dist_info = setup_distributed(device)
+tc.seed_everything(seed)  # the same model on every rank
 
-model = PFormerStage0(Blip2Config.pick(config)).to(dist_info.device)
+model = PFormerStage0(Blip2Config.pick(config))
+if qformer_init_from_bert and init_from == "scratch":
+    init_from_bert(model.pformer, bert)
+model.to(dist_info.device)
 if dist_info.master:
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"P-Former: {n_trainable / 1e6:.1f}M trainable parameters, {num_query_tokens} prompts for {llm_model}")
 
 train_loader = text_loader(train_text, train_shards, batch_size, num_workers, seed)
-val_loader = text_loader(val_text, "", batch_size, num_workers, seed, shuffle=False) if val_text else None
+val_loader = text_loader(val_text, "", batch_size, num_workers, seed, validation=True) if val_text else None
 
 
 def loss_fn(model, batch):
@@ -88,4 +96,4 @@ def loss_fn(model, batch):
 
 tc.train(model=model, loss_fn=loss_fn, loader=train_loader, val_loader=val_loader, cfg=config, dist_info=dist_info,
          stage=0)
-tc.cleanup_distributed()
+cleanup_distributed()

@@ -12,14 +12,17 @@ import torch
 
 import train_common as tc
 from configurator import apply_overrides, config_snapshot
-from data import image_text_loader, train_transform, eval_transform
-from model import Blip2Config, Blip2Stage1, PFormer
+from data import eval_transform, image_text_loader, train_transform
+from distributed import cleanup_distributed, setup_distributed
+from model import Blip2Config, Blip2Stage1, PFormer, read_checkpoint
+from pretrained import init_from_bert
 
 # -----------------------------------------------------------------------------
 # default config: the P-Former paper's stage 1 on 4M pairs (COCO + VG + CC3M + SBU), ViT-g, batch 8 x 128
 # I/O
 out_dir = "out/stage1"
 init_from = "scratch"  # 'scratch' or 'resume' (continue from out_dir/ckpt.pt)
+overwrite = False  # True: a run from scratch may replace the checkpoint of an earlier run in out_dir
 log_interval = 50
 eval_interval = 2000
 eval_batches = 50
@@ -38,7 +41,7 @@ strict_images = False  # True: an unreadable image stops the run; False: skipped
 num_workers = 8
 augment = True  # BLIP-2's random crop + flip; False: the evaluation resize (scenes whose captions name positions)
 cache_vit_features = False  # with augment=False: the frozen ViT runs once per image, its output kept in memory
-# P-Former alignment (SPEC.md section 5): a stage-0 checkpoint of train_pformer.py; "" = plain BLIP-2
+# P-Former alignment (P-Former paper, section 3): a stage-0 checkpoint of train_pformer.py; "" = plain BLIP-2
 pformer_ckpt = ""
 align_weight = 10.0  # the paper's weight in stage 1
 # model (the names of model.Blip2Config)
@@ -49,7 +52,7 @@ vit_kwargs = {}
 vit_dtype = "float16"
 image_size = 224
 bert = "bert-base-uncased"
-qformer_init_from_bert = True
+qformer_init_from_bert = True  # the Q-Former's self-attention and FFNs (and the ITG head) start as BERT's
 num_query_tokens = 32
 cross_attention_freq = 2
 hidden_size = 768
@@ -60,7 +63,8 @@ vocab_size = 30523
 dropout = 0.1
 embed_dim = 256
 max_txt_len = 32
-# optimization: AdamW, linear warmup then cosine (SPEC.md section 6)
+same_image_positives = True  # captions of one image in a batch: ITC positives, never ITM negatives (False: the papers)
+# optimization: AdamW, linear warmup then cosine, as the official runs
 batch_size = 128  # per GPU and micro-step; global batch = batch_size * grad_accum * GPUs
 grad_accum = 1
 max_steps = 40_000  # about 10 epochs of 4M pairs at a global batch of 1024
@@ -80,15 +84,19 @@ seed = 1337
 # -----------------------------------------------------------------------------
 apply_overrides(globals(), sys.argv[1:])
 config = config_snapshot(globals())
+tc.check_config(config)
 # -----------------------------------------------------------------------------
 
-dist_info = tc.setup_distributed(device)
-tc.seed_everything(seed, dist_info.rank)
+dist_info = setup_distributed(device)
+tc.seed_everything(seed)  # the same model on every rank
 
 pformer = None
 if pformer_ckpt:  # the frozen teacher of the alignment loss
-    pformer = PFormer.from_checkpoint(tc.load_checkpoint(pformer_ckpt, expect_stage=0), pformer_ckpt)
-model = Blip2Stage1(Blip2Config.pick(config), pformer=pformer).to(dist_info.device)
+    pformer = PFormer.from_checkpoint(read_checkpoint(pformer_ckpt, expect_stage=0), pformer_ckpt)
+model = Blip2Stage1(Blip2Config.pick(config), pformer=pformer)
+if qformer_init_from_bert and init_from == "scratch":
+    init_from_bert(model, bert)
+model.to(dist_info.device)
 if dist_info.master:
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"stage 1: {n_trainable / 1e6:.1f}M trainable parameters")
@@ -100,7 +108,7 @@ encode = (lambda images: model.visual(images.to(dist_info.device))) if cache_vit
 train_loader = image_text_loader(train_ann, train_image_roots, train_shards, train_tf, batch_size, num_workers, seed,
                                  strict_images, encode=encode)
 val_loader = image_text_loader(val_ann, val_image_roots, "", eval_transform(image_size), batch_size, num_workers,
-                               seed, strict_images, shuffle=False) if val_ann else None
+                               seed, strict_images, validation=True) if val_ann else None
 
 # ITM negatives come from one generator seeded alike on every rank: the draw is then the same whatever the
 # number of GPUs (model.Blip2Stage1.itm_loss takes its own rows of the global draw)
@@ -108,9 +116,10 @@ negatives = torch.Generator(dist_info.device).manual_seed(seed)
 
 
 def loss_fn(model, batch):
-    return model(batch["image"].to(dist_info.device, non_blocking=True), batch["text"], neg_generator=negatives)
+    return model(batch["image"].to(dist_info.device, non_blocking=True), batch["text"], image_ids=batch["image_id"],
+                 neg_generator=negatives)
 
 
 tc.train(model=model, loss_fn=loss_fn, loader=train_loader, val_loader=val_loader, cfg=config, dist_info=dist_info,
          stage=1, generators={"itm_negatives": negatives})
-tc.cleanup_distributed()
+cleanup_distributed()

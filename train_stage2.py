@@ -10,14 +10,16 @@ import sys
 
 import train_common as tc
 from configurator import apply_overrides, config_snapshot
-from data import image_text_loader, train_transform, eval_transform
-from model import Blip2Config, Blip2Stage2, PFormer
+from data import eval_transform, image_text_loader, train_transform
+from distributed import cleanup_distributed, setup_distributed
+from model import Blip2Config, Blip2Stage2, PFormer, read_checkpoint
 
 # -----------------------------------------------------------------------------
 # default config: the P-Former paper's stage 2 on 4M pairs, ViT-g + OPT-2.7b, batch 8 x 128
 # I/O
 out_dir = "out/stage2"
 init_from = "scratch"  # 'scratch' (start from stage1_ckpt) or 'resume' (continue from out_dir/ckpt.pt)
+overwrite = False  # True: a run from scratch may replace the checkpoint of an earlier run in out_dir
 stage1_ckpt = "out/stage1/ckpt.pt"  # '' starts the Q-Former from random weights (an ablation)
 log_interval = 50
 eval_interval = 2000
@@ -37,7 +39,7 @@ strict_images = False
 num_workers = 8
 augment = True  # BLIP-2's random crop + flip; False: the evaluation resize (scenes whose captions name positions)
 cache_vit_features = False  # with augment=False: the frozen ViT runs once per image, its output kept in memory
-# P-Former alignment (SPEC.md section 5): a stage-0 checkpoint of train_pformer.py; "" = plain BLIP-2
+# P-Former alignment (P-Former paper, section 3): a stage-0 checkpoint of train_pformer.py; "" = plain BLIP-2
 pformer_ckpt = ""
 align_weight = 100.0  # the paper's weight in stage 2
 # model (the names of model.Blip2Config; the Q-Former sizes must match stage 1's)
@@ -57,7 +59,8 @@ dropout = 0.1
 max_txt_len = 32
 llm_model = "facebook/opt-2.7b"  # any HF causal LM (OPT, Llama-family) or FlanT5, by name or directory
 llm_dtype = "float16"  # FlanT5: 'bfloat16'
-prompt = ""
+llm_dropout = False  # True: OPT's own dropout (0.1) on in the LM loss, as the official code leaves it (train mode)
+prompt = ""  # e.g. "a photo of": given before each caption, not learned (caption fine-tuning)
 t5_prefix_split = False
 # optimization
 batch_size = 128
@@ -79,17 +82,18 @@ seed = 1337
 # -----------------------------------------------------------------------------
 apply_overrides(globals(), sys.argv[1:])
 config = config_snapshot(globals())
+tc.check_config(config)
 # -----------------------------------------------------------------------------
 
-dist_info = tc.setup_distributed(device)
-tc.seed_everything(seed, dist_info.rank)
+dist_info = setup_distributed(device)
+tc.seed_everything(seed)  # the same model on every rank
 
 pformer = None
 if pformer_ckpt:  # the frozen teacher of the alignment loss
-    pformer = PFormer.from_checkpoint(tc.load_checkpoint(pformer_ckpt, expect_stage=0), pformer_ckpt)
+    pformer = PFormer.from_checkpoint(read_checkpoint(pformer_ckpt, expect_stage=0), pformer_ckpt)
 model = Blip2Stage2(Blip2Config.pick(config), pformer=pformer)
 if init_from == "scratch" and stage1_ckpt:
-    model.load_stage1(tc.load_checkpoint(stage1_ckpt, expect_stage=1)["model"], stage1_ckpt)
+    model.load_stage1(read_checkpoint(stage1_ckpt, expect_stage=1)["model"], stage1_ckpt)
 elif init_from == "scratch" and dist_info.master:
     print("stage1_ckpt is empty: the Q-Former starts from random weights")
 model.to(dist_info.device)
@@ -104,7 +108,7 @@ encode = (lambda images: model.visual(images.to(dist_info.device))) if cache_vit
 train_loader = image_text_loader(train_ann, train_image_roots, train_shards, train_tf, batch_size, num_workers, seed,
                                  strict_images, encode=encode)
 val_loader = image_text_loader(val_ann, val_image_roots, "", eval_transform(image_size), batch_size, num_workers,
-                               seed, strict_images, shuffle=False) if val_ann else None
+                               seed, strict_images, validation=True) if val_ann else None
 
 
 def loss_fn(model, batch):
@@ -113,4 +117,4 @@ def loss_fn(model, batch):
 
 tc.train(model=model, loss_fn=loss_fn, loader=train_loader, val_loader=val_loader, cfg=config, dist_info=dist_info,
          stage=2)
-tc.cleanup_distributed()
+cleanup_distributed()

@@ -1,100 +1,160 @@
 """
-A small self-made world for the CPU runs: rendered scenes of coloured shapes with captions, in the annotation and
-tar-shard formats that data.py reads, and tiny backbones saved in their libraries' own formats (a Hugging Face
-BERT directory, a Hugging Face causal-LM directory, a timm checkpoint), so that the tiny configs go through the
-very loading code of bert-base-uncased, OPT-2.7b and EVA ViT-g.
+The small synthetic world of this repository, made on the spot and nothing downloaded: scenes of one to three coloured
+shapes (5 colours, 3 shapes, 2 sizes, one object per row), captions that name them top to bottom ("a big red circle
+above a small blue square"), questions about colour, shape, size, count and position, written in the formats data.py
+reads (LAVIS annotation files, a webdataset tar shard, text corpora), and tiny backbones saved in their libraries' own
+formats (a Hugging Face BERT directory, a Hugging Face OPT directory, a timm state dict), so that the small runs go
+through the very loading code of bert-base-uncased, OPT-2.7b and EVA ViT-g.
 
-    python world.py                      # writes data/world (about 10 s)
-    python world.py --out=data/w --n_train=64
+Two sizes:
+    python world.py                  # the tiny world in data/world, for the tests and config/*_tiny.py (seconds);
+                                     # its backbones are nearly random: every code path runs, nothing is learned well
+    python world.py --quickstart     # the quick start's world in data/quickstart (a few minutes on 2 cores)
 
-The backbones of this tiny world are nearly random: they exercise every code path, not the method's quality.
-
-The quick start's world (`python world.py --quickstart`, or quickstart.py) is the one that learns: the scenes,
-captions, questions and text-only corpus of data.write_shape_world, a byte-level BPE tokenizer trained on the
-corpus, an OPT pretrained on the corpus (captions, and questions answered from a preceding caption in
-eval.py's template "Question: ... Short answer: ..."), and a timm EVA ViT pretrained to name what is in each
-row of a scene. Everything is written once and reused (world.json records what was built).
+The quick start's world is the one that learns: 2000 image-caption pairs, 100 held-out test scenes with questions,
+and a text-only corpus of 20000 more scenes (language plentiful, pairs scarce, as in the P-Former paper). Its LLM is
+pretrained on that corpus as OPT was on web text: pages of documents that each begin with BOS (</s>), neighbouring
+documents about the same scene, so that what comes before a BOS informs what follows it; a soft prompt in front of
+BOS is read the same way. Its ViT is pretrained to name what is in each row of freshly rendered scenes.
 """
+import io
 import json
 import os
 import random
 import sys
 import tarfile
+import time
 
 import torch
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
-          "purple": (140, 60, 180), "white": (245, 245, 245)}
+          "purple": (150, 60, 190)}
 SHAPES = ["square", "circle", "triangle"]
-WORDS = ("a an the of in on with and to is are there what where how many which color shape photo picture "
-         "left right above below next big small large one two three image scene question answer short "
-         + " ".join(COLORS) + " " + " ".join(SHAPES) + " squares circles triangles").split()
-NUMBERS = {1: "one", 2: "two", 3: "three"}
-
+SIZES = ["big", "small"]
+COUNTS = ["one", "two", "three"]
+VQA_TEMPLATE = "Question: {} Short answer:"  # eval.py's zero-shot VQA prompt, which the LLM learns from text alone
+WORDS = ("a an the of is are there what how many color shape object objects shapes big small above below or "
+         "picture photo question short answer one two three " + " ".join(COLORS) + " " + " ".join(SHAPES)).split()
 
 # -----------------------------------------------------------------------------
-# scenes
+# scenes: what is in them, what is said about them, how they look
 
 
-def draw_shape(draw, shape, color, box):
-    x0, y0, x1, y1 = box
-    if shape == "square":
-        draw.rectangle(box, fill=color)
-    elif shape == "circle":
-        draw.ellipse(box, fill=color)
-    else:
-        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=color)
+def random_scene(rng, max_objects=3):
+    """1-3 objects, each a colour (all different), a shape and a size, one per row (3 rows); listed top to bottom.
+    Rows, not columns: a random crop keeps vertical order, a horizontal flip would not keep left and right."""
+    n = rng.randint(1, max_objects)
+    rows = sorted(rng.sample(range(3), n))
+    colors = rng.sample(list(COLORS), n)
+    return [dict(color=c, shape=rng.choice(SHAPES), size=rng.choice(SIZES), row=r, x=rng.uniform(0.3, 0.7))
+            for c, r in zip(colors, rows)]
 
 
-def render_scene(rng, size=64):
-    """One scene: 1-3 shapes of one colour and kind, on a grey background. Returns (PIL image, captions)."""
-    color, shape, count = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.randint(1, 3)
+def scene_caption(scene):
+    """The canonical caption: the objects top to bottom, e.g. "a big red circle above a small blue square"."""
+    return " above ".join(f"a {o['size']} {o['color']} {o['shape']}" for o in scene)
+
+
+def scene_captions(scene):
+    """Reference captions: the canonical one and two other phrasings (the training pairs and CIDEr's references)."""
+    c = scene_caption(scene)
+    return [c, f"a picture of {c}", f"there is {c}"]
+
+
+def scene_questions(scene):
+    """(question, answer, type) about colour, shape, size, count and relative position, all answerable from the
+    caption; single answers, scored by exact match."""
+    out = [("how many shapes are there?", COUNTS[len(scene) - 1], "count")]
+    shapes = [o["shape"] for o in scene]
+    for o in scene:
+        if shapes.count(o["shape"]) == 1:
+            out.append((f"what color is the {o['shape']}?", o["color"], "color"))
+        out.append((f"what shape is the {o['color']} object?", o["shape"], "shape"))
+        out.append((f"is the {o['color']} {o['shape']} big or small?", o["size"], "size"))
+    for i, a in enumerate(scene):
+        for j, b in enumerate(scene):
+            if i != j:
+                out.append((f"is the {a['color']} {a['shape']} above or below the {b['color']} {b['shape']}?",
+                            "above" if i < j else "below", "position"))
+    return out
+
+
+def qa_sentence(question, answer):
+    return VQA_TEMPLATE.format(question) + " " + answer
+
+
+def render_scene(scene, size=48, offset=(0.0, 0.0)):
+    """The scene on a grey background, rows centred at 1/4, 1/2, 3/4 of the height (inside the training crops);
+    offset (dx, dy) moves every object by that fraction of the image (the video world's motion)."""
     image = Image.new("RGB", (size, size), (128, 128, 128))
     draw = ImageDraw.Draw(image)
-    cell = size // 3
-    for slot in rng.sample(range(9), count):
-        r, c = divmod(slot, 3)
-        pad = rng.randint(2, 5)
-        draw_shape(draw, shape, COLORS[color], (c * cell + pad, r * cell + pad, (c + 1) * cell - pad, (r + 1) * cell - pad))
-    noun = shape if count == 1 else shape + "s"
-    captions = [f"{'a' if count == 1 else NUMBERS[count]} {color} {noun}",
-                f"a picture of {NUMBERS[count]} {color} {noun}"]
-    return image, captions
-
-
-def write_scenes(out, n_train, n_val, size, seed=0):
-    """JPEG scenes under out/images, LAVIS-style annotations (train.json, val.json, train.jsonl) and the same
-    training pairs as one webdataset tar shard (shards/train-000.tar)."""
-    rng = random.Random(seed)
-    os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    os.makedirs(os.path.join(out, "shards"), exist_ok=True)
-    splits = {"train": [], "val": []}  # split -> LAVIS-style annotations
-    for i in range(n_train + n_val):
-        split = "train" if i < n_train else "val"
-        image, captions = render_scene(rng, size)
-        name = f"{split}_{i:05d}.jpg"
-        image.save(os.path.join(out, "images", name), quality=95)
-        splits[split].append({"image": name, "caption": captions})
-    for split, anns in splits.items():
-        with open(os.path.join(out, f"{split}.json"), "w") as f:
-            json.dump(anns, f)
-    with open(os.path.join(out, "train.jsonl"), "w") as f:
-        f.writelines(json.dumps(a) + "\n" for a in splits["train"])
-    with tarfile.open(os.path.join(out, "shards", "train-000.tar"), "w") as tar:  # img2dataset's layout
-        for a in splits["train"]:
-            key = a["image"][:-4]
-            tar.add(os.path.join(out, "images", a["image"]), arcname=key + ".jpg")
-            caption = os.path.join(out, "images", key + ".txt")
-            with open(caption, "w") as f:
-                f.write(a["caption"][0])
-            tar.add(caption, arcname=key + ".txt")
-            os.remove(caption)
-    return [c for a in splits["train"] for c in a["caption"]]
-
+    for o in scene:
+        half = (0.12 if o["size"] == "big" else 0.07) * size
+        cx, cy = (o["x"] + offset[0]) * size, (0.25 + 0.25 * o["row"] + offset[1]) * size
+        box = (cx - half, cy - half, cx + half, cy + half)
+        color = COLORS[o["color"]]
+        if o["shape"] == "square":
+            draw.rectangle(box, fill=color)
+        elif o["shape"] == "circle":
+            draw.ellipse(box, fill=color)
+        else:
+            draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=color)
+    return image
 
 # -----------------------------------------------------------------------------
-# tokenizers and tiny backbones, each in its library's format
+# the formats of data.py and eval.py
+
+
+def write_scenes(out, n_train, n_test, image_size, seed=0, ext="png", shard=False, max_objects=3, held_out="test"):
+    """Scenes under out/images ({split}_{i:05d}.{ext}), train.json (LAVIS captions, three per image) and, for the
+    held-out scenes, {held_out}_captions.json (eval.py task=caption) and {held_out}_vqa.json (task=vqa: one
+    question of each type the scene allows); with `shard`, the training pairs also as a webdataset tar shard
+    (shards/train-000.tar, img2dataset's layout: key.{ext} + key.txt). Returns the random generator."""
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    splits, vqa = {"train": [], held_out: []}, []
+    for i in range(n_train + n_test):
+        split = "train" if i < n_train else held_out
+        scene = random_scene(rng, max_objects)
+        name = f"{split}_{i:05d}.{ext}"
+        render_scene(scene, image_size).save(os.path.join(out, "images", name))
+        splits[split].append({"image": name, "caption": scene_captions(scene), "scene": scene})
+        if split == held_out:
+            by_type = {}
+            for q, a, kind in scene_questions(scene):
+                by_type.setdefault(kind, []).append((q, a))
+            for kind, qas in by_type.items():
+                q, a = rng.choice(qas)
+                vqa.append({"question_id": len(vqa), "image": name, "question": q, "answer": a, "answer_type": kind})
+    for name, obj in (("train.json", splits["train"]), (f"{held_out}_captions.json", splits[held_out]),
+                      (f"{held_out}_vqa.json", vqa)):
+        with open(os.path.join(out, name), "w") as f:
+            json.dump(obj, f)
+    if shard:
+        os.makedirs(os.path.join(out, "shards"), exist_ok=True)
+        with tarfile.open(os.path.join(out, "shards", "train-000.tar"), "w") as tar:
+            for a in splits["train"]:
+                key = os.path.splitext(a["image"])[0]
+                tar.add(os.path.join(out, "images", a["image"]), arcname=os.path.basename(a["image"]))
+                data = a["caption"][0].encode()
+                info = tarfile.TarInfo(key + ".txt")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return rng
+
+
+def write_corpus(out, scenes):
+    """The text-only corpus of scenes that have no image: corpus_captions.txt (three captions each) and
+    corpus_qa.txt (every question with its answer, in the VQA template)."""
+    with open(os.path.join(out, "corpus_captions.txt"), "w") as f:
+        f.writelines(c + "\n" for s in scenes for c in scene_captions(s))
+    with open(os.path.join(out, "corpus_qa.txt"), "w") as f:
+        f.writelines(qa_sentence(q, a) + "\n" for s in scenes for q, a, _ in scene_questions(s))
+
+# -----------------------------------------------------------------------------
+# tokenizers, in their libraries' formats
 
 
 def bert_tokenizer(directory, words=WORDS):
@@ -134,54 +194,6 @@ def byte_tokenizer(directory=None, t5=False):
     return tok
 
 
-def pretrain_llm(llm, tok, texts, steps=300, batch_size=32, lr=3e-3, seed=0):
-    """A few hundred steps of next-token prediction on the world's sentences, so that the frozen LLM of the tiny
-    runs speaks the world's language. Each sample runs 1 to 3 sentences, each ending in "\n" as in stage 2,
-    so that a sentence may start anywhere (after a soft prompt, say), not only at position 0."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(llm.parameters(), lr=lr)
-    llm.train()
-    for _ in range(steps):
-        samples = []
-        for _ in range(batch_size):
-            idx = torch.randint(len(texts), (int(torch.randint(1, 4, (), generator=g)),), generator=g).tolist()
-            samples.append("".join(texts[i] + "\n" for i in idx))
-        t = tok(samples, padding="longest", return_tensors="pt")
-        labels = t.input_ids.masked_fill(t.attention_mask == 0, -100)
-        loss = llm(**t, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return llm.eval(), loss.item()
-
-
-def write_backbones(out, captions, hidden=64, seed=0):
-    """bert/ (BertForMaskedLM + tokenizer), llm/ (OPTForCausalLM pretrained on `captions`, + tokenizer),
-    vit.pth (a timm EVA state dict)."""
-    import timm
-    from transformers import BertConfig, BertForMaskedLM, OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(seed)
-    tok = bert_tokenizer(os.path.join(out, "bert"))
-    BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
-                               intermediate_size=2 * hidden)).save_pretrained(
-        os.path.join(out, "bert"))
-    llm_tok = byte_tokenizer(os.path.join(out, "llm"))
-    llm = OPTForCausalLM(OPTConfig(hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
-                                   vocab_size=len(llm_tok), max_position_embeddings=128, word_embed_proj_dim=hidden,
-                                   pad_token_id=1, bos_token_id=2, eos_token_id=2, dropout=0.0))
-    llm, loss = pretrain_llm(llm, llm_tok, captions, seed=seed)
-    llm.save_pretrained(os.path.join(out, "llm"))
-    print(f"tiny LLM pretrained on {len(captions)} captions: final LM loss {loss:.3f}")
-    vit_kwargs = dict(patch_size=8, embed_dim=hidden, depth=3, num_heads=4, mlp_ratio=2.0)
-    vit = timm.create_model("eva_giant_patch14_clip_224", pretrained=False, num_classes=0, img_size=32, **vit_kwargs)
-    torch.save(vit.state_dict(), os.path.join(out, "vit.pth"))
-
-
-# -----------------------------------------------------------------------------
-# the quick start's world: data from data.py, backbones pretrained on it
-
-
 def bpe_tokenizer(directory, texts, vocab_size=400):
     """A byte-level BPE tokenizer in OPT's format (<s>=0 <pad>=1 </s>=2 <unk>=3, </s> prepended as BOS), its
     merges learned from `texts` as GPT-2's were from web text: the world's words become single tokens."""
@@ -200,107 +212,149 @@ def bpe_tokenizer(directory, texts, vocab_size=400):
     tok.save_pretrained(directory)
     return tok
 
+# -----------------------------------------------------------------------------
+# pretraining the backbones on the world
 
-def llm_documents(scenes, rng):
-    """(context, text) pairs for the LLM's pretraining. The context is a scene's caption before BOS, where
-    BLIP-2's soft prompt will be; the text after BOS is another caption of the scene or a question about it
-    answered in eval.py's VQA template. One pair in four has no context (a caption on its own)."""
-    from data import qa_sentence, scene_caption, scene_captions, scene_questions
 
-    docs = []
+def llm_pages(scenes, rng, questions=True):
+    """The LLM's pretraining text, as OPT's: pages of documents, each document "</s>" + a sentence + "\\n", all the
+    documents of a page about one scene (its captions and, with `questions`, questions about it answered in the VQA
+    template). So the LLM learns that a document can speak of what the one before it described: the place where
+    BLIP-2 puts its soft prompt, in front of BOS."""
+    pages = []
     for s in scenes:
-        docs.append(("", rng.choice(scene_captions(s))))
-        docs.append((scene_caption(s), rng.choice(scene_captions(s))))
-        for q, a, _ in rng.sample(scene_questions(s), 2 if len(s) > 1 else 1):
-            docs.append((scene_caption(s), qa_sentence(q, a)))
-    rng.shuffle(docs)
-    return docs
+        docs = rng.sample(scene_captions(s), rng.randint(1, 2))
+        if questions:
+            docs += [qa_sentence(q, a) for q, a, _ in rng.sample(scene_questions(s), min(2, len(scene_questions(s))))]
+            docs = docs[:1] + rng.sample(docs[1:], len(docs) - 1)  # a caption first, then the rest in any order
+        pages.append(docs)
+    return pages
 
 
-def pretrain_llm_on_documents(llm, tok, docs, steps, batch_size=64, lr=2e-3, seed=0, context_len=0, log=print):
-    """Next-token prediction of [context; BOS; text; "\n"] (the loss on the text only), AdamW, cosine lr.
-    With context_len, a context is filled up to that many positions with <pad> tokens (attended), so that BOS
-    comes where it will after a soft prompt of context_len vectors."""
+def pretrain_llm(llm, tok, pages, steps, batch_size=64, lr=2e-3, seed=0, desc="LLM pretraining"):
+    """Next-token prediction on pages (lists of sentences, each read as BOS + sentence + "\\n"), AdamW, one-cycle lr.
+    The loss covers every token after the first BOS."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
-    nl = tok("\n", add_special_tokens=False).input_ids
-    contexts = tok([c for c, _ in docs], add_special_tokens=False).input_ids
-    texts = tok([t for _, t in docs], add_special_tokens=False).input_ids
-    if context_len:
-        contexts = [c + [tok.pad_token_id] * (context_len - len(c)) if c else c for c in contexts]
-    enc = [(c, t + nl) for c, t in zip(contexts, texts)]
+    encoded = [sum((tok(s + "\n").input_ids for s in page), []) for page in pages]
     llm.train()
-    for step in range(steps):
-        rows = [enc[i] for i in torch.randint(len(enc), (batch_size,), generator=g).tolist()]
-        T = max(len(c) + 1 + len(t) for c, t in rows)
-        ids = torch.full((batch_size, T), tok.pad_token_id)
-        mask, labels = torch.zeros(batch_size, T, dtype=torch.long), torch.full((batch_size, T), -100)
-        for b, (c, t) in enumerate(rows):
-            seq = c + [tok.bos_token_id] + t
-            ids[b, :len(seq)], mask[b, :len(seq)] = torch.tensor(seq), 1
-            labels[b, len(c) + 1:len(seq)] = torch.tensor(t)
-        loss = llm(input_ids=ids, attention_mask=mask, labels=labels).loss
+    progress = tqdm(range(steps), desc=desc, mininterval=5, file=sys.stdout)
+    for _ in progress:
+        rows = [encoded[i] for i in torch.randint(len(encoded), (batch_size,), generator=g).tolist()]
+        L = max(map(len, rows))
+        ids = torch.full((batch_size, L), tok.pad_token_id)
+        mask = torch.zeros(batch_size, L, dtype=torch.long)
+        for b, row in enumerate(rows):
+            ids[b, :len(row)], mask[b, :len(row)] = torch.tensor(row), 1
+        loss = llm(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-        if step % 200 == 0 or step == steps - 1:
-            log(f"llm pretraining step {step}: loss {loss.item():.3f}")
+        progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return llm.eval(), loss.item()
 
 
 def scene_targets(scene):
     """What the ViT learns to name, per row: colour (5 + none), shape (3 + none), size (2 + none)."""
-    from data import SCENE_COLORS, SCENE_SHAPES
-
-    t = [len(SCENE_COLORS), len(SCENE_SHAPES), 2] * 3  # "none" = the last class
+    t = [len(COLORS), len(SHAPES), len(SIZES)] * 3  # "none" = the last class
     for o in scene:
-        t[3 * o["row"]:3 * o["row"] + 3] = [list(SCENE_COLORS).index(o["color"]), SCENE_SHAPES.index(o["shape"]),
-                                            ["big", "small"].index(o["size"])]
+        t[3 * o["row"]:3 * o["row"] + 3] = [list(COLORS).index(o["color"]), SHAPES.index(o["shape"]),
+                                            SIZES.index(o["size"])]
     return t
 
 
-def pretrain_vit(vit, image_size, steps, batch_size=64, lr=2e-3, seed=0, log=print):
-    """Supervised pretraining of the ViT on freshly rendered scenes: from the mean of its output tokens, name
-    the colour, shape and size in each row (9 cross-entropies). Every batch is new scenes, so no augmentation:
-    a random crop would move the rows that the labels name (the quick start's 400 steps reach about 94% per
-    attribute on the last batch, 800 steps about 100%; with data.train_transform's crops, under 60%)."""
-    from data import eval_transform, random_scene, render_shapes
+def pretrain_vit(vit, image_size, steps, batch_size=64, lr=2e-3, seed=0):
+    """Supervised pretraining of the ViT on freshly rendered scenes: from the mean of its output tokens, name the
+    colour, shape and size in each row (9 cross-entropies). Every batch is new scenes, so no augmentation: a random
+    crop would move the rows that the labels name (400 steps reach about 94% per attribute, 800 about 100%)."""
+    from data import eval_transform
 
     rng = random.Random(seed + 1)
-    classes = [6, 4, 3] * 3
+    classes = [len(COLORS) + 1, len(SHAPES) + 1, len(SIZES) + 1] * 3
     head = torch.nn.Linear(vit.num_features, sum(classes))
-    params = list(vit.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(list(vit.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     tf = eval_transform(image_size)
     vit.train()
-    for step in range(steps):
+    progress = tqdm(range(steps), desc="ViT pretraining", mininterval=5, file=sys.stdout)
+    for _ in progress:
         scenes = [random_scene(rng) for _ in range(batch_size)]
-        x = torch.stack([tf(render_shapes(s, image_size)) for s in scenes])
+        x = torch.stack([tf(render_scene(s, image_size)) for s in scenes])
         y = torch.tensor([scene_targets(s) for s in scenes])
         logits = head(vit.forward_features(x).mean(1)).split(classes, dim=1)
-        loss = sum(torch.nn.functional.cross_entropy(l, y[:, k]) for k, l in enumerate(logits)) / len(classes)
+        loss = sum(torch.nn.functional.cross_entropy(z, y[:, k]) for k, z in enumerate(logits)) / len(classes)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-        if step % 100 == 0 or step == steps - 1:
-            acc = torch.stack([(l.argmax(1) == y[:, k]).float().mean() for k, l in enumerate(logits)]).mean()
-            log(f"vit pretraining step {step}: loss {loss.item():.3f}, attribute accuracy {acc.item():.2f}")
+        acc = torch.stack([(z.argmax(1) == y[:, k]).float().mean() for k, z in enumerate(logits)]).mean()
+        progress.set_postfix(loss=f"{loss.item():.3f}", accuracy=f"{acc.item():.2f}", refresh=False)
     return vit.eval(), loss.item()
 
 
+def write_backbones(out, texts, pages, bert_width, bert_layers, llm_width, llm_layers, llm_steps, vit_kwargs,
+                    image_size, vit_steps=0, seed=0):
+    """bert/ (BertForMaskedLM + tokenizer), llm/ (an OPTForCausalLM pretrained on `pages`, its BPE tokenizer learned
+    from `texts`), vit.pth (a timm EVA state dict, pretrained on scenes for vit_steps). Returns the final losses."""
+    import timm
+    from transformers import BertConfig, BertForMaskedLM, OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    tok = bert_tokenizer(os.path.join(out, "bert"))
+    BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=bert_width, num_hidden_layers=bert_layers,
+                               num_attention_heads=4, intermediate_size=2 * bert_width)).save_pretrained(
+        os.path.join(out, "bert"))
+    llm_tok = bpe_tokenizer(os.path.join(out, "llm"), texts)
+    llm = OPTForCausalLM(OPTConfig(hidden_size=llm_width, ffn_dim=4 * llm_width, num_hidden_layers=llm_layers,
+                                   num_attention_heads=4, vocab_size=len(llm_tok), max_position_embeddings=256,
+                                   word_embed_proj_dim=llm_width, pad_token_id=1, bos_token_id=2, eos_token_id=2,
+                                   dropout=0.0))
+    llm, llm_loss = pretrain_llm(llm, llm_tok, pages, llm_steps, seed=seed)
+    llm.save_pretrained(os.path.join(out, "llm"))
+    vit = timm.create_model("eva_giant_patch14_clip_224", pretrained=False, num_classes=0, img_size=image_size,
+                            **vit_kwargs)
+    vit_loss = pretrain_vit(vit, image_size, vit_steps, seed=seed)[1] if vit_steps else None
+    torch.save(vit.state_dict(), os.path.join(out, "vit.pth"))
+    return llm_loss, vit_loss
+
+# -----------------------------------------------------------------------------
+# the two worlds
+
+TINY_VIT = dict(patch_size=8, embed_dim=64, depth=3, num_heads=4, mlp_ratio=2.0)  # config/*_tiny.py's vit_kwargs
+
+
+def build_tiny_world(out="data/world", n_train=96, n_val=16, image_size=64, llm_steps=600, seed=0):
+    """The tiny world: scenes of one or two objects as JPEG files with train.json, train.jsonl, val.json (captions),
+    val_vqa.json and a tar shard, and tiny backbones (BERT and ViT random, the OPT pretrained briefly on captions, so that a soft prompt
+    can steer it)."""
+    t0 = time.time()
+    rng = write_scenes(out, n_train, n_val, image_size, seed, ext="jpg", shard=True, max_objects=2, held_out="val")
+    os.replace(os.path.join(out, "val_captions.json"), os.path.join(out, "val.json"))
+    with open(os.path.join(out, "train.json")) as f:
+        train = json.load(f)
+    with open(os.path.join(out, "train.jsonl"), "w") as f:
+        f.writelines(json.dumps(a) + "\n" for a in train)
+    scenes = [a["scene"] for a in train]
+    pages = llm_pages(scenes + [random_scene(rng, 2) for _ in range(400)], rng, questions=False)
+    llm_loss, _ = write_backbones(out, [s for p in pages for s in p], pages, bert_width=64, bert_layers=2, llm_width=64,
+                                  llm_layers=2, llm_steps=llm_steps, vit_kwargs=TINY_VIT, image_size=32, seed=seed)
+    print(f"tiny world in {out}: {n_train} training and {n_val} validation scenes, backbones bert/ llm/ vit.pth "
+          f"(LLM loss {llm_loss:.3f}; {time.time() - t0:.0f}s)")
+    return out
+
+
 QUICKSTART_WORLD = dict(n_train=2000, n_test=100, n_text=20000, image_size=48, vit_width=96, vit_depth=4,
-                        vit_steps=400, llm_width=128, llm_layers=4, llm_steps=750, llm_context_len=16,
-                        seed=0)
+                        vit_steps=400, llm_width=128, llm_layers=4, llm_steps=750, seed=0)
+
+
+def quickstart_vit_kwargs(cfg):
+    return dict(patch_size=8, embed_dim=cfg["vit_width"], depth=cfg["vit_depth"], num_heads=4, mlp_ratio=2.0)
 
 
 def build_quickstart_world(out="data/quickstart", **overrides):
     """The quick start's world under `out`, built once: a second call with the same settings returns at once."""
-    from data import write_shape_world
-
     cfg = {**QUICKSTART_WORLD, **overrides}
     done = os.path.join(out, "world.json")
     if os.path.isfile(done):
@@ -308,59 +362,24 @@ def build_quickstart_world(out="data/quickstart", **overrides):
             if json.load(f).get("config") == cfg:
                 print(f"world: reusing {out} (delete it to rebuild)")
                 return cfg
-    import time
-
-    import timm
-    from transformers import BertConfig, BertForMaskedLM, OPTConfig, OPTForCausalLM
-
-    times, t0 = {}, time.time()
-    scenes = write_shape_world(out, cfg["n_train"], cfg["n_test"], cfg["n_text"], cfg["image_size"], cfg["seed"])
-    times["data"] = time.time() - t0
-    print(f"world: {cfg['n_train']} training and {cfg['n_test']} test scenes, a text corpus of {len(scenes)} more "
-          f"scenes ({times['data']:.0f}s)")
-    # the Q-Former's BERT (tokenizer + initial weights) and the LLM's tokenizer
-    from data import SCENE_COLORS, SCENE_SHAPES
-    torch.manual_seed(cfg["seed"])
-    words = WORDS + list(SCENE_COLORS) + SCENE_SHAPES + ["big", "small", "object", "shapes"]
-    tok = bert_tokenizer(os.path.join(out, "bert"), words)
-    BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                               intermediate_size=256)).save_pretrained(os.path.join(out, "bert"))
+    t0 = time.time()
+    rng = write_scenes(out, cfg["n_train"], cfg["n_test"], cfg["image_size"], cfg["seed"])
+    text_scenes = [random_scene(rng) for _ in range(cfg["n_text"])]
+    write_corpus(out, text_scenes)
+    print(f"world: {cfg['n_train']} training and {cfg['n_test']} test scenes, a text corpus of {cfg['n_text']} more "
+          f"scenes ({time.time() - t0:.0f}s)")
     with open(os.path.join(out, "corpus_captions.txt")) as f, open(os.path.join(out, "corpus_qa.txt")) as g:
         corpus = f.read().splitlines() + g.read().splitlines()
-    llm_tok = bpe_tokenizer(os.path.join(out, "llm"), corpus)
-    # the LLM, pretrained on the text corpus
-    t0 = time.time()
-    w = cfg["llm_width"]
-    llm = OPTForCausalLM(OPTConfig(hidden_size=w, ffn_dim=4 * w, num_hidden_layers=cfg["llm_layers"],
-                                   num_attention_heads=4, vocab_size=len(llm_tok), max_position_embeddings=128,
-                                   word_embed_proj_dim=w, pad_token_id=1, bos_token_id=2, eos_token_id=2,
-                                   dropout=0.0))
-    llm, llm_loss = pretrain_llm_on_documents(llm, llm_tok, llm_documents(scenes, random.Random(cfg["seed"])),
-                                              cfg["llm_steps"], seed=cfg["seed"], context_len=cfg["llm_context_len"])
-    llm.save_pretrained(os.path.join(out, "llm"))
-    times["llm"] = time.time() - t0
-    # the ViT, pretrained on rendered scenes
-    t0 = time.time()
-    vit = timm.create_model("eva_giant_patch14_clip_224", pretrained=False, num_classes=0,
-                            img_size=cfg["image_size"], **quickstart_vit_kwargs(cfg))
-    vit, vit_loss = pretrain_vit(vit, cfg["image_size"], cfg["vit_steps"], seed=cfg["seed"])
-    torch.save(vit.state_dict(), os.path.join(out, "vit.pth"))
-    times["vit"] = time.time() - t0
-    print(f"world: LLM pretrained ({llm_loss:.3f}, {times['llm']:.0f}s), ViT pretrained ({vit_loss:.3f}, "
-          f"{times['vit']:.0f}s)")
+    llm_loss, vit_loss = write_backbones(
+        out, corpus, llm_pages(text_scenes, random.Random(cfg["seed"])), bert_width=128, bert_layers=4,
+        llm_width=cfg["llm_width"],
+        llm_layers=cfg["llm_layers"], llm_steps=cfg["llm_steps"], vit_kwargs=quickstart_vit_kwargs(cfg),
+        image_size=cfg["image_size"], vit_steps=cfg["vit_steps"], seed=cfg["seed"])
+    seconds = time.time() - t0
+    print(f"world: LLM pretrained ({llm_loss:.3f}), ViT pretrained ({vit_loss:.3f}), {seconds:.0f}s in all")
     with open(done, "w") as f:
-        json.dump({"config": cfg, "seconds": times, "llm_loss": llm_loss, "vit_loss": vit_loss}, f, indent=1)
+        json.dump({"config": cfg, "seconds": seconds, "llm_loss": llm_loss, "vit_loss": vit_loss}, f, indent=1)
     return cfg
-
-
-def quickstart_vit_kwargs(cfg):
-    return dict(patch_size=8, embed_dim=cfg["vit_width"], depth=cfg["vit_depth"], num_heads=4, mlp_ratio=2.0)
-
-
-def main(out="data/world", n_train=96, n_val=16, image_size=64, seed=0):
-    captions = write_scenes(out, n_train, n_val, image_size, seed)
-    write_backbones(out, captions, seed=seed)
-    print(f"world written to {out}: {n_train} training and {n_val} validation scenes, backbones bert/ llm/ vit.pth")
 
 
 if __name__ == "__main__":
@@ -368,4 +387,4 @@ if __name__ == "__main__":
     for arg in [a for a in sys.argv[1:] if a != "--quickstart"]:
         key, _, value = arg.lstrip("-").partition("=")
         kwargs[key] = value if key == "out" else int(value)
-    build_quickstart_world(**kwargs) if quick else main(**kwargs)
+    build_quickstart_world(**kwargs) if quick else build_tiny_world(**kwargs)

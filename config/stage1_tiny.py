@@ -19,9 +19,9 @@ hidden_size = 64
 num_layers = 2
 num_heads = 4
 intermediate_size = 128
-vocab_size = 131  # the tiny BERT's 130 tokens + [DEC]
+vocab_size = 118  # the world's BERT tokenizer (117 tokens) + [DEC]
 embed_dim = 32
-max_txt_len = 40  # the tiny LLM reads bytes: a caption is up to ~35 tokens
+max_txt_len = 32
 # training
 batch_size = 16
 max_steps = 60

@@ -1,4 +1,4 @@
-# The P-Former paper's stage 1 (SPEC.md section 6): ViT-g (39 of 40 blocks, fp16) + a Q-Former from
+# The P-Former paper's stage 1 (P-Former paper, section 4: 4M pairs): ViT-g (39 of 40 blocks, fp16) + a Q-Former from
 # bert-base-uncased, ITC + ITM + ITG on 4M pairs (COCO + VG + CC3M + SBU), 10 epochs at a global batch of 1024.
 # torchrun --standalone --nproc_per_node=8 train_stage1.py config/stage1_vitg_4m.py
 out_dir = "out/stage1_vitg_4m"

@@ -16,9 +16,14 @@ from torchvision import transforms
 
 from data import (
     CLIP_MEAN, CLIP_STD, MAX_CONSECUTIVE_UNREADABLE, ImageTextDataset, ResumableDistributedSampler,
-    TarShardDataset, TextDataset, build_loader, clean_caption, collate_image_text, collate_text, eval_transform, load_annotations,
+    TarShardDataset, TextDataset, build_loader, clean_caption, collate, eval_transform, load_annotations,
     seed_worker, train_transform,
 )
+
+
+def fields(item, *keys):
+    """A sample dict's values as a tuple, e.g. fields(item, "text", "skipped")."""
+    return tuple(item[k] for k in keys)
 
 
 def save_image(path, color, size=(20, 14), fmt=None):
@@ -101,11 +106,13 @@ def test_annotations_and_concatenated_datasets(tmp_path):
     ds = ImageTextDataset([ann1, ann2], [tmp_path / "root1", tmp_path / "root2"], eval_transform(16))
     assert len(ds) == 3
     items = [ds[i] for i in range(3)]
-    assert [t for _, t, _ in items] == ["a red one", "second caption", "blue image"]
-    assert all(img.shape == (3, 16, 16) and skipped == 0 for img, _, skipped in items)
-    r, g, b = mean_rgb(items[0][0])
+    assert [it["text"] for it in items] == ["a red one", "second caption", "blue image"]
+    assert all(it["image"].shape == (3, 16, 16) and it["skipped"] == 0 for it in items)
+    # the two captions of a.jpg share its image id, b.png has another: stage 1's same-image positives
+    assert items[0]["image_id"] == items[1]["image_id"] != items[2]["image_id"]
+    r, g, b = mean_rgb(items[0]["image"])
     assert r > 200 and b < 50  # from root1
-    r, g, b = mean_rgb(items[2][0])
+    r, g, b = mean_rgb(items[2]["image"])
     assert b > 200 and r < 50  # from root2
 
     single = ImageTextDataset(str(ann2), str(tmp_path / "root2"), eval_transform(16))
@@ -152,29 +159,29 @@ def test_unreadable_images_are_replaced_and_counted(tmp_path):
     ann.write_text(json.dumps([{"image": n, "caption": n} for n in names]))
 
     ds = ImageTextDataset(ann, root, eval_transform(16))
-    assert ds[0][1:] == ("ok jpg", 0)
+    assert fields(ds[0], "text", "skipped") == ("ok jpg", 0)
     # missing.jpg and corrupt.jpg are replaced by the next readable sample, ok2.png
     with pytest.warns(UserWarning) as record:
-        img, text, skipped = ds[1]
+        img, text, skipped, image_id = fields(ds[1], "image", "text", "skipped", "image_id")
     assert text == "ok2 png" and skipped == 2 and img.shape == (3, 16, 16)
+    assert image_id == ds[3]["image_id"]  # the replacement's image and id go with its caption
     assert len(record) == 2 and "missing.jpg" in str(record[0].message) and "corrupt.jpg" in str(record[1].message)
     assert all("\n" not in str(w.message) for w in record)
     # the last sample wraps around to the first
     with pytest.warns(UserWarning, match="truncated.jpg"):
-        assert ds[4][1:] == ("ok jpg", 1)
+        assert fields(ds[4], "text", "skipped") == ("ok jpg", 1)
     # one warning per file: known bad files are passed over silently (and still counted)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert ds[2][1:] == ("ok2 png", 1)
-        assert ds[-1][1:] == ("ok jpg", 1)
+        assert fields(ds[2], "text", "skipped") == ("ok2 png", 1)
+        assert fields(ds[-1], "text", "skipped") == ("ok jpg", 1)
     with pytest.raises(IndexError):
         ds[5]
 
     # batches keep their size; collate reports the skips
     fresh = ImageTextDataset(ann, root, eval_transform(16))
     with pytest.warns(UserWarning):
-        loader, sampler = build_loader(fresh, batch_size=5, num_workers=0, collate_fn=collate_image_text,
-                                       shuffle=False, drop_last=False)
+        loader, sampler = build_loader(fresh, batch_size=5, num_workers=0, shuffle=False, drop_last=False)
         batches = list(loader)
     assert len(batches) == 1 and isinstance(sampler, ResumableDistributedSampler)
     assert batches[0]["image"].shape == (5, 3, 16, 16)
@@ -187,7 +194,7 @@ def test_unreadable_images_are_replaced_and_counted(tmp_path):
     for i in (1, 2, 4):
         with pytest.raises(RuntimeError, match=names[i]):
             strict[i]
-    assert strict[3][1:] == ("ok2 png", 0)
+    assert fields(strict[3], "text", "skipped") == ("ok2 png", 0)
 
 
 def test_too_many_consecutive_unreadable_images(tmp_path):
@@ -204,7 +211,7 @@ def test_too_many_consecutive_unreadable_images(tmp_path):
             ds[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # all 100 were warned about already
-        assert ds[1][1:] == ("ok", 99)  # 99 bad in a row are still passed over
+        assert fields(ds[1], "text", "skipped") == ("ok", 99)  # 99 bad in a row are still passed over
 
     # every image missing in a small dataset (the wrong root): one pass over it, then the error
     small = tmp_path / "small.json"
@@ -221,11 +228,12 @@ def test_text_dataset(tmp_path):
     ann = tmp_path / "caps.json"
     ann.write_text(json.dumps([{"image": "a.jpg", "caption": ["Cap A", "Cap B"]}, {"caption": "No image!"}]))
     ds = TextDataset([txt, ann])
-    assert [ds[i] for i in range(len(ds))] == [("first sentence", 0), ("second one", 0), ("cap a", 0),
-                                               ("cap b", 0), ("no image", 0)]
-    assert collate_text([ds[0], ds[1]]) == {"text": ["first sentence", "second one"], "skipped": 0}
+    assert [fields(ds[i], "text", "skipped") for i in range(len(ds))] == [
+        ("first sentence", 0), ("second one", 0), ("cap a", 0), ("cap b", 0), ("no image", 0)]
+    assert collate([ds[0], ds[1]]) == {"text": ["first sentence", "second one"], "skipped": 0}
     # text items of a TarShardDataset collate the same way
-    assert collate_text([ds[0], ("after bad", 2)]) == {"text": ["first sentence", "after bad"], "skipped": 2}
+    assert collate([ds[0], {"text": "after bad", "skipped": 2}]) == {"text": ["first sentence", "after bad"],
+                                                                     "skipped": 2}
     with pytest.raises(ValueError, match="unknown text file type"):
         TextDataset(tmp_path / "x.csv")
 
@@ -259,14 +267,15 @@ def test_tar_shards_read_every_sample_once(tmp_path):
     ds = TarShardDataset(pattern, eval_transform(16), shuffle_buffer=4)
     assert len(ds.shards) == 4 and ds.shards[0].endswith("shard-00000.tar")
     items = list(ds)
-    assert Counter(t for _, t, _ in items) == Counter(expected)
-    assert all(img.shape == (3, 16, 16) and skipped == 0 for img, _, skipped in items)
+    assert Counter(it["text"] for it in items) == Counter(expected)
+    assert all(it["image"].shape == (3, 16, 16) and it["skipped"] == 0 for it in items)
+    assert len({it["image_id"] for it in items}) == len(items)  # one image per sample in these shards
     # a glob pattern and an explicit list name the same shards
     assert TarShardDataset(str(tmp_path / "*.tar"), None).shards == ds.shards
     assert TarShardDataset(ds.shards, None).shards == ds.shards
 
     # transform=None: captions only, image-less samples included
-    items = list(TarShardDataset(pattern, None, shuffle_buffer=4))
+    items = [fields(it, "text", "skipped") for it in TarShardDataset(pattern, None, shuffle_buffer=4)]
     assert all(isinstance(t, str) and skipped == 0 for t, skipped in items)
     assert Counter(t for t, _ in items) == Counter(expected + ["text only"] * 4)
 
@@ -277,8 +286,7 @@ def test_tar_shards_split_across_ranks_and_workers(tmp_path):
     for rank in range(2):
         ds = TarShardDataset(pattern, eval_transform(16), rank=rank, world_size=2, shuffle_buffer=2)
         ds.set_epoch(3)
-        loader, sampler = build_loader(ds, batch_size=2, num_workers=2, collate_fn=collate_image_text,
-                                       drop_last=False)
+        loader, sampler = build_loader(ds, batch_size=2, num_workers=2, drop_last=False)
         assert sampler is None
         seen += [t for batch in loader for t in batch["text"]]
     assert Counter(seen) == Counter(expected)  # every sample exactly once over 2 ranks x 2 workers
@@ -291,25 +299,25 @@ def test_tar_shards_epoch_order_and_skip(tmp_path):
     pattern, _ = make_shards(tmp_path)
     ds = TarShardDataset(pattern, None, shuffle_buffer=3, seed=7)
     ds.set_epoch(1)
-    epoch1 = list(ds)
-    assert list(ds) == epoch1  # deterministic
+    epoch1 = [it["text"] for it in ds]
+    assert [it["text"] for it in ds] == epoch1  # deterministic
     ds.set_epoch(2)
-    epoch2 = list(ds)
+    epoch2 = [it["text"] for it in ds]
     assert epoch2 != epoch1 and sorted(epoch2) == sorted(epoch1)
 
     ds.set_epoch(1)
     ds.skip(5)
-    assert list(ds) == epoch1[5:]
+    assert [it["text"] for it in ds] == epoch1[5:]
     ds.set_epoch(2)
-    assert list(ds) == epoch2  # the skip belonged to epoch 1
+    assert [it["text"] for it in ds] == epoch2  # the skip belonged to epoch 1
 
 
 def test_tar_shards_shuffle_buffer(tmp_path):
     shard = tmp_path / "one.tar"
     captions = [f"sample {i}" for i in range(12)]
     write_tar(shard, [(f"{i:03d}.txt", c.encode()) for i, c in enumerate(captions)])
-    assert [t for t, _ in TarShardDataset([shard], None, shuffle_buffer=0)] == captions  # tar order
-    shuffled = [t for t, _ in TarShardDataset([shard], None, shuffle_buffer=4)]
+    assert [it["text"] for it in TarShardDataset([shard], None, shuffle_buffer=0)] == captions  # tar order
+    shuffled = [it["text"] for it in TarShardDataset([shard], None, shuffle_buffer=4)]
     assert shuffled != captions and sorted(shuffled) == sorted(captions)
 
 
@@ -320,7 +328,7 @@ def test_tar_shards_set_epoch_reaches_persistent_workers(tmp_path):
         return [t for batch in loader for t in batch["text"]]
 
     def fresh_loader(ds):
-        return build_loader(ds, batch_size=2, num_workers=2, collate_fn=collate_text, drop_last=False)[0]
+        return build_loader(ds, batch_size=2, num_workers=2, drop_last=False)[0]
 
     ds = TarShardDataset(pattern, None, shuffle_buffer=3)
     loader = fresh_loader(ds)
@@ -351,7 +359,7 @@ def test_tar_shards_bad_samples(tmp_path):
     ds = TarShardDataset([good], eval_transform(16), shuffle_buffer=0)
     with pytest.warns(UserWarning) as record:
         items = list(ds)
-    assert [x[1:] for x in items] == [("fine", 0)]  # trailing bad samples: nothing left to carry their count
+    assert [fields(x, "text", "skipped") for x in items] == [("fine", 0)]  # trailing bad samples: nothing left to carry their count
     messages = " ".join(str(w.message) for w in record)
     assert "good.tar:b" in messages and "good.tar:c" in messages
     with pytest.raises(RuntimeError, match="good.tar:b"):
@@ -369,17 +377,17 @@ def test_tar_shards_bad_samples(tmp_path):
     ds = TarShardDataset([mixed], eval_transform(16), shuffle_buffer=0)
     with pytest.warns(UserWarning) as record:
         items = list(ds)
-    assert [x[1:] for x in items] == [("s0", 0), ("s3", 2), ("s5", 1), ("s7", 1)]
+    assert [fields(x, "text", "skipped") for x in items] == [("s0", 0), ("s3", 2), ("s5", 1), ("s7", 1)]
     assert all(f"mixed.tar:{k}" in " ".join(str(w.message) for w in record) for k in (1, 2, 4, 6))
     with pytest.warns(UserWarning):
-        batches = list(build_loader(ds, batch_size=2, num_workers=0, collate_fn=collate_image_text)[0])
+        batches = list(build_loader(ds, batch_size=2, num_workers=0)[0])
     assert [b["image"].shape for b in batches] == [(2, 3, 16, 16)] * 2
     assert [b["text"] for b in batches] == [["s0", "s3"], ["s5", "s7"]]
     assert [b["skipped"] for b in batches] == [2, 2]
     # resume: skip(n) counts stream samples, bad ones included
     ds.skip(3)  # 0, 1, 2 consumed
     with pytest.warns(UserWarning):
-        assert [x[1:] for x in ds] == [("s3", 0), ("s5", 1), ("s7", 1)]
+        assert [fields(x, "text", "skipped") for x in ds] == [("s3", 0), ("s5", 1), ("s7", 1)]
 
     # text only: an undecodable caption is skipped and counted too
     text_shard = tmp_path / "text.tar"
@@ -389,12 +397,12 @@ def test_tar_shards_bad_samples(tmp_path):
         items = list(TarShardDataset([text_shard], None, shuffle_buffer=0))
     assert ["text.tar:b" in str(w.message) for w in record] == [True, False]
     assert "text.tar:c" in str(record[1].message)
-    assert items == [("one", 0), ("two", 2)]
-    assert collate_text(items) == {"text": ["one", "two"], "skipped": 2}
+    assert [fields(x, "text", "skipped") for x in items] == [("one", 0), ("two", 2)]
+    assert collate(items) == {"text": ["one", "two"], "skipped": 2}
 
     with pytest.warns(UserWarning, match="cut.tar"):
         items = list(TarShardDataset([cut], eval_transform(16), shuffle_buffer=0))
-    assert [x[1:] for x in items] == [("first", 0)]
+    assert [fields(x, "text", "skipped") for x in items] == [("first", 0)]
     with pytest.raises(RuntimeError, match="cut.tar"):
         list(TarShardDataset([cut], eval_transform(16), strict=True))
     with pytest.raises(FileNotFoundError, match="nope.tar"):
@@ -444,14 +452,16 @@ class RandomNumbers(Dataset):
     def __len__(self):
         return 8
 
+    source = "random numbers"
+
     def __getitem__(self, i):
-        return float(np.random.rand())
+        return {"x": float(np.random.rand())}
 
 
 def test_build_loader_seeds_workers():
     def draw(seed):
-        loader, _ = build_loader(RandomNumbers(), batch_size=2, num_workers=2, collate_fn=list, seed=seed)
-        return [x for batch in loader for x in batch]
+        loader, _ = build_loader(RandomNumbers(), batch_size=2, num_workers=2, seed=seed)
+        return [x for batch in loader for x in batch["x"]]
 
     a, b, c = draw(0), draw(0), draw(1)
     assert a == b and a != c
@@ -496,11 +506,10 @@ def test_frozen_feature_dataset_encodes_each_image_once(tmp_path):
         expected = [plain[i] for i in range(len(plain))]
     assert encoded == [1, 1]  # red.jpg and blue.png, once each
     assert len(cached) == len(plain) == 5
-    for i, (image, text, skipped) in enumerate(expected):
-        features, c_text, c_skipped = cached[i]
-        assert (c_text, c_skipped) == (text, skipped)
-        assert torch.allclose(features, encode(image[None])[0])
-    assert cached[0][0].data_ptr() == cached[1][0].data_ptr()  # one row for both captions of red.jpg
+    for i, item in enumerate(expected):
+        assert fields(cached[i], "text", "skipped", "image_id") == fields(item, "text", "skipped", "image_id")
+        assert torch.allclose(cached[i]["image"], encode(item["image"][None])[0])
+    assert cached[0]["image"].data_ptr() == cached[1]["image"].data_ptr()  # one row for both captions of red.jpg
 
     with pytest.raises(ValueError, match="tar shards"):
         image_text_loader([], [], str(tmp_path / "x.tar"), eval_transform(16), 2, 0, encode=encode)

@@ -21,7 +21,8 @@ from transformers import BertTokenizerFast, PreTrainedTokenizerFast
 
 import model as model_py
 import tiny
-from model import Blip2Stage1, PFormer, blip2_stage2_from_hf
+from model import Blip2Stage1, PFormer
+from pretrained import blip2_stage2_from_hf
 from world import byte_tokenizer
 
 WORLD, B = 2, 4  # rank r holds samples r * B/2 ... (r + 1) * B/2 - 1
@@ -30,7 +31,7 @@ NEG_SEED = 123
 # losses (and gradients) with equal weights, which equals the global token mean only when every rank holds the
 # same number of target tokens; so every caption has the same number of tokens (checked in the tests), padding
 # aside. Q-Former WordPiece: [CLS] a <colour> <shape> [SEP], all words in the tiny vocabulary.
-STAGE1_CAPTIONS = ["a red square", "a blue circle", "a green triangle", "a white square"]
+STAGE1_CAPTIONS = ["a red square", "a blue circle", "a green triangle", "a purple square"]
 # the tiny OPT tokenizer is byte level: equal token counts = equal lengths in bytes (12 each)
 STAGE2_CAPTIONS = ["a red square", "one blue box", "two big dots", "the tan star"]
 # The two setups compute the same function and differ only in float32 summation order (batch split into per-rank
@@ -76,7 +77,7 @@ def build_stage2(llm_tok):
 def build_pformer(bert):
     """A tiny P-Former, offset like build_stage1 so that its sentence features differ (contrastive term)."""
     torch.manual_seed(0)
-    model = PFormer(tiny.our_config(bert, dropout=0.0, qformer_init_from_bert=False), llm_dim=32)
+    model = PFormer(tiny.our_config(bert, dropout=0.0), llm_dim=32)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -119,10 +120,15 @@ def recording_negatives():
     return record, drawn
 
 
-def step(net, module, image, captions, stage1):
+# samples 0 and 2 show the same image, and sit on different ranks: ITC's soft targets and ITM's masked negatives
+# must find each other across the gather
+IMAGE_IDS = torch.tensor([5, 6, 5, 8])
+
+
+def step(net, module, image, captions, stage1, image_ids=None):
     """One forward + backward of `net` (the model or its DDP wrapper around `module`): (losses, gradients)."""
     if stage1:
-        out = net(image, captions, neg_generator=torch.Generator().manual_seed(NEG_SEED))
+        out = net(image, captions, image_ids=image_ids, neg_generator=torch.Generator().manual_seed(NEG_SEED))
     else:
         out = net(image, captions)
     out["loss"].backward()
@@ -147,11 +153,13 @@ def _worker(rank, port, bert, llm_tok, out_path):
         results = {}
         record, drawn = recording_negatives()
         model_py.sample_negatives = record  # this process only
-        for name, build, captions in (("stage1", lambda: build_stage1(bert), STAGE1_CAPTIONS),
-                                      ("stage2", lambda: build_stage2(llm_tok), STAGE2_CAPTIONS)):
+        for name, build, captions, ids in (("stage1", lambda: build_stage1(bert), STAGE1_CAPTIONS, None),
+                                           ("stage1_same_image", lambda: build_stage1(bert), STAGE1_CAPTIONS,
+                                            IMAGE_IDS[local]),
+                                           ("stage2", lambda: build_stage2(llm_tok), STAGE2_CAPTIONS, None)):
             module = build()
             net = DistributedDataParallel(module, device_ids=None)
-            losses, grads = step(net, module, images()[local], captions[local], name == "stage1")
+            losses, grads = step(net, module, images()[local], captions[local], name.startswith("stage1"), ids)
             for v in losses.values():  # each rank's loss is its local mean: average over ranks
                 dist.all_reduce(v)
                 v /= WORLD
@@ -168,6 +176,7 @@ def _worker(rank, port, bert, llm_tok, out_path):
             dist.all_reduce(v)
             v /= WORLD
         results["pformer"] = (losses, grads)
+        drawn = drawn[:2]  # the negatives of the first stage-1 run
         parts = [[torch.empty_like(d) for _ in range(WORLD)] for d in drawn]
         for d, p in zip(drawn, parts):  # this rank's negatives, as indices into the global batch
             dist.all_gather(p, d)
@@ -201,7 +210,7 @@ def llm_tok(tmp_path_factory):
 def ddp_results(bert, llm_tok, tmp_path_factory):
     out_path = str(tmp_path_factory.mktemp("ddp") / "results.pt")
     mp.spawn(_worker, args=(free_port(), bert, llm_tok, out_path), nprocs=WORLD, join=True)
-    return torch.load(out_path)
+    return torch.load(out_path, weights_only=True)
 
 
 # ---------------------------------------------------------------- comparisons with 1 process, batch B
@@ -249,3 +258,17 @@ def test_pformer_contrastive_term_matches_single_process(bert, ddp_results):
     ref = pformer_step(ContrastiveTerm(module), module, STAGE1_CAPTIONS)
     assert "text_proj.weight" in ref[1] and "encoder.layers.0.self_attn.query.weight" in ref[1]
     assert_same(ddp_results["pformer"], ref)
+
+
+def test_same_image_positives_match_single_process(bert, ddp_results, monkeypatch):
+    """With image ids, the same-image rule gives the same losses and gradients on 2 ranks as on 1 process, and no
+    sample is drawn as its own image's ITM negative, on its rank or across."""
+    record, drawn = recording_negatives()
+    monkeypatch.setattr(model_py, "sample_negatives", record)
+    module = build_stage1(bert)
+    ref = step(module, module, images(), STAGE1_CAPTIONS, stage1=True, image_ids=IMAGE_IDS)
+    neg_image, neg_text = drawn
+    assert (IMAGE_IDS[neg_image] != IMAGE_IDS).all() and (IMAGE_IDS[neg_text] != IMAGE_IDS).all()
+    plain = step(module, module, images(), STAGE1_CAPTIONS, stage1=True)
+    assert not torch.allclose(ref[0]["itc"], plain[0]["itc"])  # the rule changes the loss: samples 0 and 2 match
+    assert_same(ddp_results["stage1_same_image"], ref)

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-import eval as E
+import metrics as M
 
 HAVE_JAVA = shutil.which("java") is not None
 
@@ -29,33 +29,33 @@ HAVE_JAVA = shutil.which("java") is not None
     ("red, white", "red white"),
 ])
 def test_normalize_vqa_answer(raw, expected):
-    assert E.normalize_vqa_answer(raw) == expected
+    assert M.normalize_vqa_answer(raw) == expected
 
 
 def test_vqa_accuracy_by_hand():
     def answers(n_cat):
         return ["cat"] * n_cat + ["dog"] * (10 - n_cat)
     # 4 matches: leaving any one out leaves >= 3 matches -> 1 for every subset
-    assert E.vqa_accuracy("cat", answers(4)) == pytest.approx(1.0)
+    assert M.vqa_accuracy("cat", answers(4)) == pytest.approx(1.0)
     # 3 matches: 3 subsets lose a match (2/3), 7 keep 3 (1) -> (3 * 2/3 + 7) / 10 = 0.9
-    assert E.vqa_accuracy("cat", answers(3)) == pytest.approx(0.9)
+    assert M.vqa_accuracy("cat", answers(3)) == pytest.approx(0.9)
     # 2 matches: (2 * 1/3 + 8 * 2/3) / 10 = 0.6
-    assert E.vqa_accuracy("cat", answers(2)) == pytest.approx(0.6)
+    assert M.vqa_accuracy("cat", answers(2)) == pytest.approx(0.6)
     # 1 match: (1 * 0 + 9 * 1/3) / 10 = 0.3
-    assert E.vqa_accuracy("cat", answers(1)) == pytest.approx(0.3)
-    assert E.vqa_accuracy("cat", answers(0)) == 0.0
+    assert M.vqa_accuracy("cat", answers(1)) == pytest.approx(0.3)
+    assert M.vqa_accuracy("cat", answers(0)) == 0.0
     # the prediction is normalised: "Two." -> "2"
-    assert E.vqa_accuracy("Two.", ["2"] * 10) == pytest.approx(1.0)
+    assert M.vqa_accuracy("Two.", ["2"] * 10) == pytest.approx(1.0)
     # other counts: 3 answers, 2 match -> subsets (2 answers): left-out match -> 1/3, left-out other -> 2/3
     # -> (2 * 1/3 + 2/3) / 3 = 4/9
-    assert E.vqa_accuracy("cat", ["cat", "cat", "dog"]) == pytest.approx(4 / 9)
+    assert M.vqa_accuracy("cat", ["cat", "cat", "dog"]) == pytest.approx(4 / 9)
 
 
 def test_vqa_accuracy_official_ground_truth_rule():
     # annotators disagree -> their answers get the punctuation step: "t-shirt" -> "t shirt" matches
-    assert E.vqa_accuracy("t-shirt", ["t-shirt"] * 5 + ["shirt"] * 5) == pytest.approx(1.0)
+    assert M.vqa_accuracy("t-shirt", ["t-shirt"] * 5 + ["shirt"] * 5) == pytest.approx(1.0)
     # all identical -> the official evaluation leaves them raw, so the normalised "t shirt" does not match
-    assert E.vqa_accuracy("t-shirt", ["t-shirt"] * 10) == 0.0
+    assert M.vqa_accuracy("t-shirt", ["t-shirt"] * 10) == 0.0
 
 
 def _vqa_questions():
@@ -70,7 +70,7 @@ def _vqa_questions():
 
 def test_vqa_scores_per_type_missing_empty():
     preds = {1: "Yes", 2: "yes", 3: "two", 4: " "}  # 5 has no prediction, 4 is empty
-    r = E.vqa_scores(preds, _vqa_questions())
+    r = M.vqa_scores(preds, _vqa_questions())
     # yes/no: 1.0 and 0.0 -> 50; number: "two" -> "2", 2 of 10 agree -> 0.6 -> 60; other: empty -> 0
     assert r["yes/no"] == pytest.approx(50.0)
     assert r["number"] == pytest.approx(60.0)
@@ -81,16 +81,18 @@ def test_vqa_scores_per_type_missing_empty():
 
 def test_vqa_scores_bad_ids():
     with pytest.raises(ValueError, match="none of"):
-        E.vqa_scores({"1": "yes"}, _vqa_questions())  # str keys for int ids
+        M.vqa_scores({"1": "yes"}, _vqa_questions())  # str keys for int ids
     with pytest.raises(ValueError, match="not in the annotations"):
-        E.vqa_scores({1: "yes", 99: "no"}, _vqa_questions())
+        M.vqa_scores({1: "yes", 99: "no"}, _vqa_questions())
+    with pytest.raises(ValueError, match="no answer to score: none of 5 questions"):
+        M.vqa_scores({}, _vqa_questions())  # an empty evaluation: not a ZeroDivisionError
 
 
 def test_gqa_scores():
     questions = [{"question_id": "a", "answers": ["left"], "answer_type": "choose"},
                  {"question_id": "b", "answers": ["2"], "answer_type": "query"},
                  {"question_id": "c", "answers": ["man"], "answer_type": "query"}]
-    r = E.gqa_scores({"a": "Left.", "b": "two", "c": "woman"}, questions)
+    r = M.gqa_scores({"a": "Left.", "b": "two", "c": "woman"}, questions)
     # a and b match after normalisation, c does not -> 2/3; choose 1/1, query 1/2
     assert r["overall"] == pytest.approx(200 / 3)
     assert r["choose"] == pytest.approx(100.0) and r["query"] == pytest.approx(50.0)
@@ -112,45 +114,45 @@ def test_load_vqa(tmp_path):
          "answers": [{"answer": "2", "answer_id": i + 1} for i in range(10)]},
         {"question_id": 420, "image_id": 42, "answer_type": "other", "multiple_choice_answer": "red",
          "answers": [{"answer": "red", "answer_id": i + 1} for i in range(10)]}]})
-    qs = E.load_vqa(q, a)
+    qs = M.load_vqa(q, a)
     assert [x["question_id"] for x in qs] == [420, 70]
     assert qs[0] == {"question_id": 420, "image": "COCO_val2014_000000000042.jpg", "question": "What color?",
                      "answers": ["red"] * 10, "answer_type": "other"}
     with pytest.raises(FileNotFoundError, match="nope.json"):
-        E.load_vqa(q, str(tmp_path / "nope.json"))
+        M.load_vqa(q, str(tmp_path / "nope.json"))
     a2 = _write(tmp_path / "a2.json", {"annotations": [
         {"question_id": 70, "image_id": 7, "answer_type": "number", "answers": [{"answer": "2"}]}]})
     with pytest.raises(ValueError, match="question_id 420"):
-        E.load_vqa(q, a2)
+        M.load_vqa(q, a2)
 
 
 def test_load_gqa(tmp_path):
     p = _write(tmp_path / "testdev_balanced_questions.json", {
         "201": {"imageId": "n123", "question": "Is it left?", "answer": "yes", "types": {"structural": "verify"}},
         "202": {"imageId": "n124", "question": "Who?", "answer": "man"}})
-    qs = E.load_gqa(p)
+    qs = M.load_gqa(p)
     assert qs[0] == {"question_id": "201", "image": "n123.jpg", "question": "Is it left?", "answers": ["yes"],
                      "answer_type": "verify"}
     assert qs[1]["answer_type"] is None
     with pytest.raises(FileNotFoundError, match="missing_gqa.json"):
-        E.load_gqa(str(tmp_path / "missing_gqa.json"))
+        M.load_gqa(str(tmp_path / "missing_gqa.json"))
     bad = _write(tmp_path / "bad.json", {"9": {"imageId": "n1", "question": "?"}})
     with pytest.raises(ValueError, match="question 9 lacks key 'answer'"):
-        E.load_gqa(bad)
+        M.load_gqa(bad)
 
 
 def test_load_karpathy_and_retrieval(tmp_path):
     p = _write(tmp_path / "coco_karpathy_test.json", [
         {"image": "val2014/COCO_val2014_000000391895.jpg", "caption": [f"c{i}" for i in range(5)]},
         {"image": "val2014/COCO_val2014_000000060623.jpg", "caption": ["d0", "d1", "d2"]}])
-    caps = E.load_karpathy_captions(p)
+    caps = M.load_karpathy_captions(p)
     assert [c["image_id"] for c in caps] == [391895, 60623]
     assert caps[1]["captions"] == ["d0", "d1", "d2"]
-    images, texts, txt2img, img2txts = E.load_retrieval(p)
+    images, texts, txt2img, img2txts = M.load_retrieval(p)
     assert len(images) == 2 and len(texts) == 8
     assert txt2img == [0] * 5 + [1] * 3 and img2txts == [[0, 1, 2, 3, 4], [5, 6, 7]]
     with pytest.raises(FileNotFoundError, match="flickr30k_test.json"):
-        E.load_retrieval(str(tmp_path / "flickr30k_test.json"))
+        M.load_retrieval(str(tmp_path / "flickr30k_test.json"))
 
 
 def test_load_nocaps(tmp_path):
@@ -159,11 +161,11 @@ def test_load_nocaps(tmp_path):
                    {"id": 1, "file_name": "00223d0fa8e9c6e0.jpg", "domain": "out-domain"}],
         "annotations": [{"image_id": 0, "caption": "a cat", "id": 0}, {"image_id": 1, "caption": "a dog", "id": 1},
                         {"image_id": 0, "caption": "a kitten", "id": 2}]})
-    caps = E.load_nocaps(p)
+    caps = M.load_nocaps(p)
     assert caps[0] == {"image_id": 0, "image": "0013ea2087020901.jpg", "captions": ["a cat", "a kitten"],
                        "domain": "in-domain"}
     with pytest.raises(FileNotFoundError, match="nocaps_missing.json"):
-        E.load_nocaps(str(tmp_path / "nocaps_missing.json"))
+        M.load_nocaps(str(tmp_path / "nocaps_missing.json"))
 
 
 # ---- captioning ----
@@ -199,30 +201,32 @@ def test_bleu1_by_hand():
 
 @pytest.mark.skipif(not HAVE_JAVA, reason="no java: the Java path cannot run here")
 def test_caption_metrics_with_java(capsys):
-    r = E.caption_metrics(PRED, REFS)
+    r = M.caption_metrics(PRED, REFS)
+    assert r["tokenizer"].startswith("PTB")  # the results say which tokenizer made them
     assert r["BLEU-1"] == pytest.approx(_bleu1(PRED, REFS), abs=1e-6)
     for k in ["BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]:
         assert k in r and math.isfinite(r[k])
     assert 0 < r["METEOR"] < 1
     # SPICE either ran or was skipped with a one-line reason
     assert "SPICE" in r or "SPICE skipped" in capsys.readouterr().out
-    same = E.caption_metrics({1: "A cat is on the mat."}, {1: ["a cat is on the mat", "a dog"]})
+    same = M.caption_metrics({1: "A cat is on the mat."}, {1: ["a cat is on the mat", "a dog"]})
     assert same["BLEU-1"] == pytest.approx(1.0, abs=1e-6) and same["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_caption_metrics_without_java(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no java anywhere
-    r = E.caption_metrics({**PRED, 3: ""}, {**REFS, 3: ["a red bus"], 4: ["unused"]})
+    r = M.caption_metrics({**PRED, 3: ""}, {**REFS, 3: ["a red bus"], 4: ["unused"]})
     out = capsys.readouterr().out
     assert "no java on PATH, tokenising in pure Python" in out
     assert "METEOR skipped: no java" in out and "SPICE skipped: no java" in out
     assert "METEOR" not in r and "SPICE" not in r
+    assert r["tokenizer"] == M.PYTHON_TOKENIZER and "differ from the official" in r["tokenizer"]
     assert math.isfinite(r["CIDEr"]) and math.isfinite(r["ROUGE-L"])
     # image 3's empty caption adds 0 words and 0 matches; its closest ref length (3) enters the BP
     # -> P1 = 7/8, BP = exp(1 - 14/8)
     assert r["BLEU-1"] == pytest.approx(0.875 * math.exp(1 - 14 / 8), abs=1e-6)
     assert (r["scored"], r["missing"], r["empty"]) == (3, 1, 1)
-    same = E.caption_metrics({1: "A cat is on the mat."}, {1: ["a cat is on the mat", "a dog"]})
+    same = M.caption_metrics({1: "A cat is on the mat."}, {1: ["a cat is on the mat", "a dog"]})
     assert same["BLEU-1"] == pytest.approx(1.0, abs=1e-6)
 
 
@@ -234,19 +238,21 @@ def test_simple_tokenize_matches_ptb():
                 "A $5 sign & 50% off/on sale: yes--no? I'm here, you'll see", "the cat's  hat is RED",
                 "an old-fashioned clock tower, with a U.S. flag.", "what?! no way", "a [b] {c}"]
     ptb = PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(captions)})
-    assert [E.simple_tokenize(c) for c in captions] == [ptb[i][0] for i in range(len(captions))]
+    assert [M.simple_tokenize(c) for c in captions] == [ptb[i][0] for i in range(len(captions))]
 
 
 def test_caption_metrics_bad_ids():
     with pytest.raises(ValueError, match="without references"):
-        E.caption_metrics({1: "a", 9: "b"}, {1: ["a"]})
+        M.caption_metrics({1: "a", 9: "b"}, {1: ["a"]})
     with pytest.raises(ValueError, match="none of"):
-        E.caption_metrics({"1": "a"}, {1: ["a"]})
+        M.caption_metrics({"1": "a"}, {1: ["a"]})
+    with pytest.raises(ValueError, match="no caption to score: none of 2 images has a prediction"):
+        M.caption_metrics({}, {1: ["a"], 2: ["b"]})  # an empty evaluation: never BLEU 0 and ROUGE-L nan
 
 
 def test_write_coco_results(tmp_path):
     p = tmp_path / "res.json"
-    E.write_coco_results(str(p), {5: "a cat", 7: "a dog"})
+    M.write_coco_results(str(p), {5: "a cat", 7: "a dog"})
     assert json.loads(p.read_text()) == [{"image_id": 5, "caption": "a cat"}, {"image_id": 7, "caption": "a dog"}]
     assert [x.name for x in tmp_path.iterdir()] == ["res.json"]  # no temp file left behind
 
@@ -274,7 +280,7 @@ def test_retrieval_recall_known_ranks():
     t2i = torch.stack([_rank_row(3, [txt2img[t]] if t < 5 else [(txt2img[t] + 1) % 3, txt2img[t]]
                                  if t < 10 else [(txt2img[t] + 1) % 3, (txt2img[t] + 2) % 3])
                        for t in range(15)])
-    r = E.retrieval_recall(i2t, t2i, txt2img, img2txts)
+    r = M.retrieval_recall(i2t, t2i, txt2img, img2txts)
     # TR ranks 0, 4, 10 -> R@1 1/3, R@5 2/3, R@10 2/3; IR ranks 0 x5, 1 x5, 2 x5 -> R@1 1/3, R@5 = R@10 = 1
     assert r["TR@1"] == pytest.approx(100 / 3) and r["TR@5"] == pytest.approx(200 / 3)
     assert r["TR@10"] == pytest.approx(200 / 3)
@@ -284,7 +290,7 @@ def test_retrieval_recall_known_ranks():
     assert r["R_mean"] == pytest.approx(600 / 9)
     # blocks of any size give the same numbers
     for b in (1, 2, 7):
-        assert E.retrieval_recall(i2t, t2i, txt2img, img2txts, block_rows=b) == r
+        assert M.retrieval_recall(i2t, t2i, txt2img, img2txts, block_rows=b) == r
 
 
 def test_retrieval_recall_matches_argsort_reference():
@@ -298,7 +304,7 @@ def test_retrieval_recall_matches_argsort_reference():
     # reference: full argsort, rank = position of the best-placed right item (no ties in random floats)
     tr = [min((i2t[i].argsort(descending=True) == t).nonzero().item() for t in img2txts[i]) for i in range(n_img)]
     ir = [(t2i[t].argsort(descending=True) == txt2img[t]).nonzero().item() for t in range(n_img * per)]
-    r = E.retrieval_recall(i2t, t2i, txt2img, img2txts, block_rows=3)
+    r = M.retrieval_recall(i2t, t2i, txt2img, img2txts, block_rows=3)
     for k in (1, 5, 10):
         assert r[f"TR@{k}"] == pytest.approx(100 * sum(x < k for x in tr) / n_img)
         assert r[f"IR@{k}"] == pytest.approx(100 * sum(x < k for x in ir) / len(ir))
@@ -307,12 +313,12 @@ def test_retrieval_recall_matches_argsort_reference():
 
 def test_retrieval_recall_ties_and_bad_input():
     img2txts, txt2img = [[0, 1], [2, 3]], [0, 0, 1, 1]
-    r = E.retrieval_recall(torch.zeros(2, 4), torch.zeros(4, 2), txt2img, img2txts)
+    r = M.retrieval_recall(torch.zeros(2, 4), torch.zeros(4, 2), txt2img, img2txts)
     assert r["TR@1"] == 0.0 and r["IR@1"] == 0.0  # constant scores find nothing
     with pytest.raises(ValueError, match="disagree"):
-        E.retrieval_recall(torch.zeros(2, 4), torch.zeros(4, 2), [0, 1, 1, 1], img2txts)
+        M.retrieval_recall(torch.zeros(2, 4), torch.zeros(4, 2), [0, 1, 1, 1], img2txts)
     with pytest.raises(ValueError, match="NaN"):
-        E.retrieval_recall(torch.full((2, 4), float("nan")), torch.zeros(4, 2), txt2img, img2txts)
+        M.retrieval_recall(torch.full((2, 4), float("nan")), torch.zeros(4, 2), txt2img, img2txts)
 
 
 def test_itm_rerank():
@@ -324,7 +330,7 @@ def test_itm_rerank():
         calls.append((q, idx.tolist()))
         return torch.tensor([10.0, -10.0]) if q == 0 else torch.tensor([0.0, 1.0])
 
-    out = E.itm_rerank(coarse, 2, itm_fn)
+    out = M.itm_rerank(coarse, 2, itm_fn)
     # row 0: top-2 = cols 1 (0.9), 2 (0.5) -> 10.9, -9.5; row 1: cols 0 (0.8), 3 (0.7) -> 0.8, 1.7
     assert calls == [(0, [1, 2]), (1, [0, 3])]
     inf = float("-inf")
@@ -332,9 +338,9 @@ def test_itm_rerank():
     # re-ranking changed the order of row 1: text 3 now wins
     assert out[1].argmax().item() == 3
     with pytest.raises(ValueError, match="3 logits for 2 candidates"):
-        E.itm_rerank(coarse, 2, lambda q, idx: torch.zeros(3))
+        M.itm_rerank(coarse, 2, lambda q, idx: torch.zeros(3))
 
 
 def test_print_table(capsys):
-    E.print_table("VQAv2", {"overall": 52.5612, "scored": 3})
+    M.print_table("VQAv2", {"overall": 52.5612, "scored": 3})
     assert capsys.readouterr().out.splitlines() == ["VQAv2", "  overall     52.56", "  scored          3"]

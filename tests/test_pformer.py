@@ -3,28 +3,19 @@ alignment loss of stages 1 and 2, strict checkpoint loading, and the three stage
 
 import json
 import os
-import subprocess
-import sys
-from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import tiny
-import world
-from model import (Blip2Stage1, FrozenLLM, PFormer, PFormerStage0, mask_tokens, nearest_embeddings)
-from train_common import save_checkpoint, load_checkpoint
+from backbones import FrozenLLM
+from model import Blip2Stage1, PFormer, PFormerStage0, mask_tokens, nearest_embeddings, read_checkpoint
+from scripts import run_script
+from train_common import save_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SENTENCES = ["a red square", "two blue circles", "three green triangles", "a picture of one white circle"]
-
-
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("world"))
-    world.main(out=out, n_train=24, n_val=8)
-    return out
+SENTENCES = ["a big red square", "a small blue circle above a big green triangle", "there is a small yellow circle",
+             "a picture of a big purple triangle"]
 
 
 def stage0_config(w, **kw):
@@ -58,7 +49,7 @@ def test_masking_rate_and_never_cls_or_pad():
 
 def test_prompt_count_follows_num_query_tokens(tiny_world):
     for q in (3, 8):
-        pformer = PFormer(stage0_config(tiny_world, num_query_tokens=q, qformer_init_from_bert=False), llm_dim=40)
+        pformer = PFormer(stage0_config(tiny_world, num_query_tokens=q), llm_dim=40)
         for text in (["a"], ["a picture of three green triangles next to a big white circle"]):
             prompts, cls = pformer(*pformer.tokenize(text, "cpu"))
             assert prompts.shape == (1, q, 40) and cls.shape == (1, 64)
@@ -66,17 +57,20 @@ def test_prompt_count_follows_num_query_tokens(tiny_world):
 
 def test_stage0_learns_to_reproduce_sentences(tiny_world):
     """P-Former's purpose: the prompt it predicts from a sentence makes the frozen LLM say that sentence."""
-    with open(f"{tiny_world}/train.json") as f:
-        sentences = [a["caption"][0] for a in json.load(f)][:8]
+    with open(f"{tiny_world}/train.json") as f:  # one-object scenes: what the tiny 2-layer LLM can be made to say
+        sentences = [a["caption"][0] for a in json.load(f) if len(a["scene"]) == 1][:8]
     torch.manual_seed(0)
-    model = PFormerStage0(stage0_config(tiny_world, llm_model=f"{tiny_world}/llm", max_txt_len=40)).train()
+    model = PFormerStage0(stage0_config(tiny_world, llm_model=f"{tiny_world}/llm", max_txt_len=32)).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    steps = 400  # 8 of 8 reproduced on 1 and 2 threads; a constant lr ends anywhere from 5 to 7
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     first = model(sentences)
     assert set(first) == {"loss", "c", "vq", "lm"} and all(torch.isfinite(v) for v in first.values())
-    for _ in range(700):  # 500 reproduce 7 of 8 on 2 threads but 5 on one (other float rounding); 700: 7 or 8
+    for _ in range(steps):
         opt.zero_grad()
         model(sentences)["loss"].backward()
         opt.step()
+        schedule.step()
     model.eval()
     with torch.no_grad():
         last = model(sentences)
@@ -105,7 +99,7 @@ def test_alignment_loss_and_its_gradient(tiny_world, tmp_path):
     llm = FrozenLLM.from_pretrained(f"{tiny_world}/llm")
     stage0 = PFormerStage0(stage0_config(tiny_world), llm=llm)
     save_pformer(stage0, str(tmp_path / "pformer.pt"))
-    pformer = PFormer.from_checkpoint(load_checkpoint(str(tmp_path / "pformer.pt"), expect_stage=0), "pformer.pt")
+    pformer = PFormer.from_checkpoint(read_checkpoint(str(tmp_path / "pformer.pt"), expect_stage=0), "pformer.pt")
     for a, b in zip(pformer.parameters(), stage0.pformer.parameters()):
         assert torch.equal(a, b)
     model = Blip2Stage1(stage0_config(tiny_world, vit_pretrained=f"{tiny_world}/vit.pth", align_weight=10.0),
@@ -128,15 +122,16 @@ def test_alignment_loss_and_its_gradient(tiny_world, tmp_path):
 def test_pformer_checkpoint_that_does_not_match_fails(tiny_world, tmp_path):
     stage0 = PFormerStage0(stage0_config(tiny_world, llm_model=f"{tiny_world}/llm"))
     save_pformer(stage0, str(tmp_path / "ok.pt"))
-    state = load_checkpoint(str(tmp_path / "ok.pt"))
+    state = read_checkpoint(str(tmp_path / "ok.pt"))
     renamed = dict(state, model={k.replace("cls_proj", "clsproj"): v for k, v in state["model"].items()})
-    with pytest.raises(ValueError, match=r"renamed.pt: P-Former weights missing: cls_proj\.bias, cls_proj\.weight"):
+    with pytest.raises(ValueError, match=r"renamed.pt does not fit this model: missing \(2\): cls_proj\.bias, "
+                                         r"cls_proj\.weight; unexpected \(2\): clsproj"):
         PFormer.from_checkpoint(renamed, "renamed.pt")
     extra = dict(state, model={**state["model"], "pformer.extra_head.weight": torch.zeros(2)})
-    with pytest.raises(ValueError, match=r"no such parameter: extra_head\.weight"):
+    with pytest.raises(ValueError, match=r"extra.pt does not fit this model: unexpected \(1\): extra_head\.weight"):
         PFormer.from_checkpoint(extra, "extra.pt")
     dropped = dict(state, model={k: v for k, v in state["model"].items() if "layers.1." not in k})
-    with pytest.raises(ValueError, match=r"renamed.pt: P-Former weights missing: encoder\.layers\.1\."):
+    with pytest.raises(ValueError, match=r"renamed.pt does not fit this model: missing \(\d+\): encoder\.layers\.1\."):
         PFormer.from_checkpoint(dropped, "renamed.pt")
     with pytest.raises(ValueError, match="not a P-Former checkpoint"):
         PFormer.from_checkpoint(dict(state, model={"qformer.query_tokens": torch.zeros(1)}), "stage1.pt")
@@ -146,15 +141,14 @@ def test_pformer_checkpoint_that_does_not_match_fails(tiny_world, tmp_path):
 
 
 def test_three_stages_chain_through_the_scripts(tiny_world, tmp_path):
-    w, env = tiny_world, {**os.environ, "HF_HUB_OFFLINE": "1"}
+    w = tiny_world
     common = ["--max_steps=4", "--lr_decay_steps=4", "--log_interval=2", "--eval_interval=100", "--ckpt_interval=100"]
 
     def run(*args):
-        p = subprocess.run([sys.executable, *args, *common], cwd=ROOT, capture_output=True, text=True, env=env)
-        assert p.returncode == 0, p.stderr[-3000:]
+        run_script(*args, *common)
 
     pf, s1, s2 = (str(tmp_path / d) for d in ("pformer", "s1", "s2"))
-    run("train_pformer.py", "config/pformer_tiny.py", f"--train_text=['{w}/train.json']", f"--val_text=[]",
+    run("train_pformer.py", "config/pformer_tiny.py", f"--train_text=['{w}/train.json']", "--val_text=[]",
         f"--bert={w}/bert", f"--llm_model={w}/llm", f"--out_dir={pf}")
     data = [f"--train_ann=['{w}/train.json']", f"--train_image_roots=['{w}/images']", "--val_ann=[]",
             f"--vit_pretrained={w}/vit.pth", f"--pformer_ckpt={pf}/ckpt.pt"]

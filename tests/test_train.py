@@ -3,44 +3,19 @@ clearly on bad input."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-import world
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("world"))
-    world.main(out=out, n_train=32, n_val=8)
-    return out
-
-
-def data_args(w, shards=False):
-    """The tiny configs, pointed at this test's world."""
-    train = [f"--train_shards={w}/shards/train-000.tar", "--train_ann=[]"] if shards else \
-        [f"--train_ann=['{w}/train.json']", f"--train_image_roots=['{w}/images']"]
-    return train + [f"--val_ann=['{w}/val.json']", f"--val_image_roots=['{w}/images']",
-                    f"--vit_pretrained={w}/vit.pth"]
+from scripts import read_log, run_script, tiny_data_args, train_tiny
 
 
 def run(stage, w, out_dir, *args, ok=True):
-    script, cfg = f"train_stage{stage}.py", f"config/stage{stage}_tiny.py"
-    extra = [f"--bert={w}/bert"] if stage == 1 else [f"--llm_model={w}/llm"]
-    cmd = [sys.executable, script, cfg, *data_args(w), *extra, f"--out_dir={out_dir}", *args]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert (p.returncode == 0) == ok, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
+    return train_tiny(stage, w, out_dir, *args, ok=ok)
 
 
 def log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return read_log(out_dir)
 
 
 def weights(out_dir):
@@ -72,11 +47,9 @@ def test_stage1_then_stage2_learn(tiny_world, tmp_path):
 
 def test_tar_shards(tiny_world, tmp_path):
     out = str(tmp_path / "shards")
-    args = [a for a in data_args(tiny_world, shards=True)]
-    cmd = [sys.executable, "train_stage1.py", "config/stage1_tiny.py", *args, f"--bert={tiny_world}/bert",
-           f"--out_dir={out}", "--max_steps=6", "--log_interval=2", "--eval_interval=100"]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr[-3000:]
+    run_script("train_stage1.py", "config/stage1_tiny.py", *tiny_data_args(tiny_world, shards=True),
+               f"--bert={tiny_world}/bert", f"--out_dir={out}", "--max_steps=6", "--log_interval=2",
+               "--eval_interval=100")
     rows = [r for r in log(out) if "loss" in r]
     assert len(rows) == 3 and all(r["loss"] == r["loss"] for r in rows)
     assert rows[-1]["epoch"] >= 2  # 32 samples / batch 16: the stream wrapped around into new epochs

@@ -10,8 +10,11 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+import distributed
 import train_common as tc
+from backbones import load_weights
 from configurator import apply_overrides, config_snapshot
+from model import read_checkpoint
 
 # -----------------------------------------------------------------------------
 # configurator
@@ -125,7 +128,7 @@ def test_checkpoint_round_trip(tmp_path):
     path = str(tmp_path / 'sub' / 'ckpt.pt')
     state = {'stage': 1, 'step': 7, 'model': {'w': torch.arange(6.).view(2, 3)}, 'config': {'lr': 1e-4}}
     tc.save_checkpoint(path, state)
-    loaded = tc.load_checkpoint(path, expect_stage=1)
+    loaded = read_checkpoint(path, expect_stage=1)
     assert loaded['step'] == 7 and loaded['config'] == {'lr': 1e-4}
     assert torch.equal(loaded['model']['w'], state['model']['w'])
     assert os.listdir(tmp_path / 'sub') == ['ckpt.pt']
@@ -148,19 +151,19 @@ def test_checkpoint_crash_midway_keeps_old_file(tmp_path, monkeypatch):
 
 def test_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match='nope.pt'):
-        tc.load_checkpoint(str(tmp_path / 'nope.pt'))
+        read_checkpoint(str(tmp_path / 'nope.pt'))
     garbage = tmp_path / 'garbage.pt'
     garbage.write_bytes(b'\x00not a checkpoint' * 10)
     with pytest.raises(ValueError, match='garbage.pt'):
-        tc.load_checkpoint(str(garbage))
+        read_checkpoint(str(garbage))
     good = tmp_path / 'good.pt'
     tc.save_checkpoint(str(good), {'stage': 2, 'w': torch.randn(1000)})
     truncated = tmp_path / 'truncated.pt'
     truncated.write_bytes(good.read_bytes()[:2000])
     with pytest.raises(ValueError, match='truncated.pt'):
-        tc.load_checkpoint(str(truncated))
+        read_checkpoint(str(truncated))
     with pytest.raises(ValueError) as e:
-        tc.load_checkpoint(str(good), expect_stage=1)
+        read_checkpoint(str(good), expect_stage=1)
     assert str(e.value) == f'{good} is a stage-2 checkpoint, expected stage 1'
 
 
@@ -168,21 +171,20 @@ def test_trainable_state_dict():
     model = Toy()
     sd = tc.trainable_state_dict(model)
     assert 'frozen.weight' not in sd and 'frozen.bias' not in sd and 'proj.weight' in sd
-    assert set(tc.trainable_state_dict(torch.compile(model))) == set(sd)  # no _orig_mod. prefix
 
     other = Toy()
-    tc.load_trainable_state_dict(other, {k: v.clone() for k, v in sd.items()}, 'ckpt.pt')
+    load_weights(other, {k: v.clone() for k, v in sd.items()}, 'ckpt.pt', trainable_only=True)
     assert all(torch.equal(p, sd[n]) for n, p in other.named_parameters() if n in sd)
 
     missing = {k: v for k, v in sd.items() if k != 'ln.bias'}
     with pytest.raises(ValueError, match=r'ckpt\.pt.*missing \(1\): ln\.bias'):
-        tc.load_trainable_state_dict(other, missing, 'ckpt.pt')
+        load_weights(other, missing, 'ckpt.pt', trainable_only=True)
     extra = dict(sd, **{'frozen.weight': torch.zeros(4, 4)})
     with pytest.raises(ValueError, match=r'unexpected \(1\): frozen\.weight'):
-        tc.load_trainable_state_dict(other, extra, 'ckpt.pt')
+        load_weights(other, extra, 'ckpt.pt', trainable_only=True)
     wrong = dict(sd, **{'proj.weight': torch.zeros(8, 5)})
     with pytest.raises(ValueError, match=r'shape mismatch \(1\): proj\.weight \(8, 5\) vs model \(8, 4\)'):
-        tc.load_trainable_state_dict(other, wrong, 'ckpt.pt')
+        load_weights(other, wrong, 'ckpt.pt', trainable_only=True)
 
 # -----------------------------------------------------------------------------
 # precision, logging, mfu, data
@@ -213,11 +215,21 @@ def test_logger(tmp_path, capsys):
 
 
 def test_mfu(monkeypatch):
+    """The peak of the GPU in use: SXM, PCIe and NVL parts differ, and a MIG slice has a share of the SMs."""
+    from types import SimpleNamespace
+
     assert tc.mfu(1e12, 100.0, 'cpu') is None
-    for name, expected in [('NVIDIA H100 80GB HBM3', 100e12 / 989e12), ('NVIDIA H100 PCIe', 100e12 / 756e12),
-                           ('NVIDIA A100-SXM4-40GB', 100e12 / 312e12), ('Some Future GPU', None)]:
+    for name, sms, expected in [('NVIDIA H100 80GB HBM3', 132, 100e12 / 989e12),
+                                ('NVIDIA H100 PCIe', 114, 100e12 / 756e12),
+                                ('NVIDIA H100 NVL', 132, 100e12 / 835e12),
+                                ('NVIDIA H200 NVL', 132, 100e12 / 835e12),
+                                ('NVIDIA H200', 132, 100e12 / 989e12),
+                                ('NVIDIA H100 80GB HBM3 MIG 3g.40gb', 60, 100e12 / (989e12 * 60 / 132)),
+                                ('NVIDIA A100-SXM4-40GB', 108, 100e12 / 312e12), ('Some Future GPU', 100, None)]:
         monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None, name=name: name)
-        assert tc.mfu(1e12, 100.0, 'cuda:0') == (pytest.approx(expected) if expected else None)
+        monkeypatch.setattr(torch.cuda, 'get_device_properties',
+                            lambda device=None, sms=sms: SimpleNamespace(multi_processor_count=sms))
+        assert tc.mfu(1e12, 100.0, 'cuda:0') == (pytest.approx(expected) if expected else None), name
 
 
 class RecordingSampler(torch.utils.data.Sampler):
@@ -275,28 +287,28 @@ def test_infinite_batches_fixed_steps_per_epoch():
 
 def test_single_process():
     assert 'RANK' not in os.environ
-    d = tc.setup_distributed('cpu')
-    assert d == tc.Dist(ddp=False, rank=0, local_rank=0, world_size=1, device='cpu', master=True)
+    d = distributed.setup_distributed('cpu')
+    assert d == distributed.Dist(ddp=False, rank=0, local_rank=0, world_size=1, device='cpu', master=True)
     x = torch.tensor([1.0, 2.0])
-    assert tc.all_reduce_mean(x) is x and tc.is_master()
+    assert distributed.all_reduce_mean(x) is x and distributed.is_master()
 
 
 def _worker(rank, world_size, port):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
-    d = tc.setup_distributed('cpu')
+    d = distributed.setup_distributed('cpu')
     try:
-        assert d == tc.Dist(ddp=True, rank=rank, local_rank=rank, world_size=world_size, device='cpu',
-                            master=rank == 0)
-        assert tc.is_master() == (rank == 0)
+        assert d == distributed.Dist(ddp=True, rank=rank, local_rank=rank, world_size=world_size, device='cpu',
+                                     master=rank == 0)
+        assert distributed.is_master() == (rank == 0)
         x = torch.tensor([float(rank), 10.0 * rank])
-        mean = tc.all_reduce_mean(x)
+        mean = distributed.all_reduce_mean(x)
         assert torch.allclose(mean, torch.tensor([0.5, 5.0])), mean
         assert x.tolist() == [float(rank), 10.0 * rank]  # the input is left alone
         model = torch.nn.parallel.DistributedDataParallel(Toy())
         assert set(tc.trainable_state_dict(model)) == set(tc.trainable_state_dict(Toy()))  # no module. prefix
     finally:
-        tc.cleanup_distributed()
+        distributed.cleanup_distributed()
 
 
 def test_two_process_gloo():

@@ -29,7 +29,7 @@ def perturb(model, std=0.02, seed=0):
 
 
 def hf_blip2_config(text="opt", bert_vocab=None, vocab=None, num_query_tokens=8):
-    """SPEC.md section 9's tiny Blip2Config: vision, Q-Former and LLM hidden 64, 2 layers each, 8 queries."""
+    """A tiny Hugging Face Blip2Config: vision, Q-Former and LLM hidden 64, 2 layers each, 8 queries."""
     vision = Blip2VisionConfig(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                image_size=IMAGE, patch_size=14, qkv_bias=True)
     qformer = Blip2QFormerConfig(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -60,11 +60,22 @@ def hf_blip2_config(text="opt", bert_vocab=None, vocab=None, num_query_tokens=8)
                        image_text_hidden_size=32)
 
 
-def hf_blip2(text="opt", seed=0):
-    """(tiny random Blip2ForConditionalGeneration with an OPT, Llama or T5 LLM, its LLM tokenizer)."""
+def hf_blip2(text="opt", seed=0, **config_changes):
+    """(tiny random Blip2ForConditionalGeneration with an OPT, Llama or T5 LLM, its LLM tokenizer). The T5 has its own
+    LM head, as FlanT5 has (transformers' T5Config ties it to the embeddings whatever tie_word_embeddings says)."""
     torch.manual_seed(seed)
     tok = byte_tokenizer(t5=text == "t5")
-    model = Blip2ForConditionalGeneration(hf_blip2_config(text, vocab=len(tok) + 1))
+    config = hf_blip2_config(text, vocab=len(tok) + 1)
+    for k, v in config_changes.items():  # e.g. vision_config={"hidden_size": 44, ...}
+        for name, value in v.items():
+            setattr(getattr(config, k), name, value)
+    model = Blip2ForConditionalGeneration(config)
+    if text == "t5":
+        lm = model.language_model
+        lm.lm_head.weight = torch.nn.Parameter(lm.shared.weight.detach().clone())
+        for tied in (lm.all_tied_weights_keys, model.all_tied_weights_keys):
+            for key in [k for k in tied if k.endswith("lm_head.weight")]:
+                tied.pop(key)
     return perturb(model, seed=seed), tok
 
 

@@ -1,0 +1,323 @@
+"""
+The frozen parts of BLIP-2, wrapped: the image encoder (a timm ViT, for images and for the frames of a clip),
+pre-extracted clip features in its place, and the LLM (any Hugging Face causal LM, or FlanT5) driven through a soft
+prompt. They stay frozen and in eval mode, compute in their weights' own precision whatever autocast their caller
+runs under, and hand the trainable parts float32. Also the loading of weights that every model here uses: one
+key-and-shape check (load_weights) and files read without running code (read_state_dict).
+
+model.py builds BLIP-2 and P-Former on top of these.
+"""
+
+import inspect
+import os
+import pickle
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# -----------------------------------------------------------------------------
+# loading weights
+
+def load_weights(module, state_dict, source, required=None, trainable_only=False):
+    """module.load_state_dict(state_dict) with one check, whose error names `source` and the first keys at fault:
+    every key of state_dict has a place in the module (among its trainable parameters, with trainable_only: this
+    project's checkpoints hold nothing else) with the same shape, and every key in `required` (default: the
+    module's trainable parameters) is there. Other keys of the module keep their values (frozen parts)."""
+    ours = module.state_dict()
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    required = trainable if required is None else set(required)
+    allowed = trainable if trainable_only else ours
+    problems = {"missing": sorted(k for k in required if k not in state_dict),
+                "unexpected": sorted(k for k in state_dict if k not in allowed),
+                "shape mismatch": [f"{k} {tuple(v.shape)} vs model {tuple(ours[k].shape)}"
+                                   for k, v in state_dict.items() if k in ours and v.shape != ours[k].shape]}
+    problems = {what: keys for what, keys in problems.items() if keys}
+    if problems:
+        raise ValueError(f"{source} does not fit this model: " + "; ".join(
+            f"{what} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+            for what, keys in problems.items()))
+    module.load_state_dict(state_dict, strict=False)
+
+
+def read_state_dict(path):
+    """A state dict saved with torch.save, read with weights_only=True: tensors and plain values only, so that a
+    crafted file cannot run code; errors name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # on CPU: every rank loads its own copy
+    except Exception as e:  # torch's message would suggest weights_only=False, which runs the file's code
+        found = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+        if isinstance(e, pickle.UnpicklingError) and found:
+            raise ValueError(f"{path} holds objects other than tensors and plain values, which loading would run "
+                             f"as code: not loaded ({found[0][:160]})") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        why = next((line for line in lines if "Unsupported operand" in line), lines[0] if lines else type(e).__name__)
+        if why.startswith("Weights only load failed"):
+            why = type(e).__name__
+        raise ValueError(f"{path} is not a readable torch checkpoint (corrupt or truncated?): {why[:200]}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a dict")
+    return state
+
+
+# -----------------------------------------------------------------------------
+# frozen modules
+
+
+def freeze(module):
+    module.requires_grad_(False)
+    module.eval()
+    return module
+
+
+class Frozen(nn.Module):
+    """A module that stays in eval mode whatever its parent's train() says (dropout and drop-path off)."""
+
+    def train(self, mode=True):
+        return super().train(False)
+
+
+def _half_autocast(device, dtype):
+    """Autocast in the frozen weights' own half dtype, so that they are never re-cast: a frozen part computes as
+    it was stored, whatever autocast its caller runs under (float32 weights: autocast off, float32 compute)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+class FrozenViT(Frozen):
+    """The frozen image encoder: a timm ViT truncated to `vit_layers` blocks, final norm removed (BLIP-2 section 3.4:
+    "we remove the last layer of the ViT and use the second last layer's output features").
+    image B x 3 x 224 x 224 -> B x 257 x 1408 (EVA ViT-g/14), CLS included; clips B x T x 3 x H x W -> B x T x N x W.
+    Weights in half precision on GPU with fp32 LayerNorms; the output is float32, the dtype of the trainable parts."""
+
+    def __init__(self, config):
+        super().__init__()
+        import timm
+
+        name = config.vit_model
+        if not timm.is_model(name.split(".")[0]):
+            raise ValueError(f"unknown image encoder '{name}': not a timm model name")
+        kwargs = dict(num_classes=0, img_size=config.image_size, **config.vit_kwargs)
+        try:
+            vit = timm.create_model(name, pretrained=config.vit_pretrained == "timm", **kwargs)
+        except (OSError, RuntimeError) as e:
+            raise RuntimeError(f"cannot load the weights of image encoder '{name}' "
+                               f"(vit_pretrained={config.vit_pretrained!r}): {str(e).splitlines()[0]}") from None
+        if config.vit_pretrained not in ("", "timm"):
+            # a timm state dict on disk, read here rather than by timm, whose file loading checks no keys (a
+            # mismatch would leave weights random); a classifier head, if saved, has no place here
+            state = {k: v for k, v in read_state_dict(config.vit_pretrained).items() if not k.startswith("head.")}
+            load_weights(vit, state, config.vit_pretrained, required=vit.state_dict().keys())
+        depth = len(vit.blocks)
+        if not 0 < config.vit_layers <= depth:
+            raise ValueError(f"vit_layers={config.vit_layers} but '{name}' has {depth} blocks")
+        vit.blocks = vit.blocks[: config.vit_layers]
+        vit.norm = nn.Identity()  # the raw output of the last kept block
+        self.dtype = DTYPES[config.vit_dtype]
+        for m in vit.modules():  # half-precision weights, but LayerNorm parameters stay fp32
+            if not isinstance(m, nn.LayerNorm):
+                for p in m.parameters(recurse=False):
+                    p.data = p.data.to(self.dtype)
+        self.vit = freeze(vit)
+        self.image_size, self.width = config.image_size, vit.num_features
+        self.num_tokens = vit.patch_embed.num_patches + vit.num_prefix_tokens  # 257 for ViT-g/14 at 224 px
+
+    @torch.no_grad()
+    def forward(self, pixels):
+        """B x 3 x S x S -> B x N x W, or B x T x 3 x S x S -> B x T x N x W. Features this encoder computed earlier
+        (B x N x W or B x T x N x W) pass through unchanged: a run without augmentation can compute them once."""
+        if tuple(pixels.shape[-2:]) == (self.num_tokens, self.width):
+            return pixels.float()
+        S = self.image_size
+        if pixels.ndim not in (4, 5) or tuple(pixels.shape[-3:]) != (3, S, S):
+            raise ValueError(f"expected images of shape B x 3 x {S} x {S} (or clips B x T x 3 x {S} x {S}), "
+                             f"got {tuple(pixels.shape)}")
+        frames = pixels.flatten(0, 1) if pixels.ndim == 5 else pixels  # a clip's frames are a batch of images
+        with _half_autocast(frames.device, self.dtype):  # LayerNorms run in fp32
+            out = self.vit.forward_features(frames.to(self.dtype)).float()  # (B*T) x N x W
+        return out.unflatten(0, pixels.shape[:2]) if pixels.ndim == 5 else out
+
+
+class ClipFeatures(nn.Module):
+    """Pre-extracted clip features in place of the frozen image encoder, as in the P-Former paper's video
+    experiments (I3D, 1024-d per segment): B x S x F -> a trainable Linear(F -> D) -> B x S x D, each segment one
+    token for the Q-Former's cross-attention. The official video code maps its features to 768 the same way."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.proj = nn.Linear(config.feature_dim, config.hidden_size)
+        self.width = config.hidden_size
+
+    def forward(self, features):
+        if features.ndim != 3 or features.shape[-1] != self.proj.in_features:
+            raise ValueError(f"expected clip features of shape B x S x {self.proj.in_features}, "
+                             f"got {tuple(features.shape)}")
+        return self.proj(features.float())
+
+
+def from_pretrained_checked(loader, name, what, **kwargs):
+    """from_pretrained with one-line errors: the name could not be loaded, or its checkpoint lacks weights (which
+    transformers would fill with random values after a warning)."""
+    try:
+        model, info = loader.from_pretrained(name, output_loading_info=True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise _not_loadable(name, what, e) from None
+    except RuntimeError as e:  # a weight of the wrong shape
+        raise ValueError(f"{what} '{name}' does not fit its config: {str(e).strip().splitlines()[-1][:300]}") from None
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith("cls.")]  # a BERT without its MLM head
+    if missing:
+        raise ValueError(f"{what} '{name}': its checkpoint lacks weights for {', '.join(sorted(missing)[:5])}"
+                         f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}")
+    return model
+
+
+def from_pretrained(loader, name, what, **kwargs):
+    """loader.from_pretrained(name) (a tokenizer, a config) with a one-line error naming what could not be loaded."""
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        raise _not_loadable(name, what, e) from None
+
+
+def _not_loadable(name, what, e):
+    return ValueError(f"cannot load {what} '{name}': not a local directory with a model, and not "
+                      f"available from the Hugging Face Hub ({str(e).splitlines()[0][:200]})")
+
+
+def newline_token_id(tokenizer):
+    """The id of "\\n", which ends every caption in stage 2 and stops generation (OPT: 50118)."""
+    return tokenizer("\n", add_special_tokens=False).input_ids[-1]  # SentencePiece may put "▁" first
+
+
+class FrozenLLM(Frozen):
+    """The frozen language model, driven through `inputs_embeds` by a soft prompt (B x Q x d_LLM) in front of its
+    text: any Hugging Face decoder-only causal LM (OPT, Llama-family such as SmolLM2 or Qwen) or an encoder-decoder
+    FlanT5. Frozen; in eval mode unless `dropout` (the official code leaves OPT in train mode, so its dropout 0.1 is
+    on in the losses). Computes in its weights' own dtype whatever its caller's autocast. `prompt`: a text prompt
+    after the soft prompt (e.g. "a photo of"); `max_txt_len`: text tokens kept; `t5_prefix_split`: split_captions."""
+
+    def __init__(self, hf_model, tokenizer, prompt="", max_txt_len=32, t5_prefix_split=False, dropout=False):
+        super().__init__()
+        self.model = freeze(hf_model)
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token is None:  # Llama-family tokenizers have none; padding is masked out anyway
+            tokenizer.pad_token = tokenizer.eos_token
+        self.is_encoder_decoder = bool(hf_model.config.is_encoder_decoder)
+        self.eos_token_id = tokenizer.eos_token_id if self.is_encoder_decoder else newline_token_id(tokenizer)
+        self.dim = hf_model.get_input_embeddings().embedding_dim
+        # HF causal LMs that take `logits_to_keep` (OPT, Llama, Qwen2, ...) compute the LM head on chosen positions
+        self._keeps_logits = "logits_to_keep" in inspect.signature(hf_model.forward).parameters
+        self.prompt, self.max_txt_len, self.t5_prefix_split = prompt.strip(), max_txt_len, t5_prefix_split
+        self.dropout = dropout
+
+    def train(self, mode=True):
+        super().train(False)
+        self.model.train(mode and self.dropout)
+        return self
+
+    @classmethod
+    def from_pretrained(cls, name, dtype="float32", **options):
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+        config = from_pretrained(AutoConfig, name, "LLM")
+        loader = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = from_pretrained_checked(loader, name, "LLM", dtype=DTYPES[dtype])
+        return cls(model, from_pretrained(AutoTokenizer, name, "LLM tokenizer"), **options)
+
+    def embed(self, ids):
+        return self.model.get_input_embeddings()(ids)
+
+    def autocast(self, device):
+        return _half_autocast(device, self.model.dtype)
+
+    def tokenize(self, texts, padding_side="right", max_length=None):
+        self.tokenizer.padding_side = padding_side
+        return self.tokenizer(texts, padding="longest", truncation=max_length is not None, max_length=max_length,
+                              return_tensors="pt")
+
+    def with_soft_prompt(self, prompt_embeds, tokens, prompt_mask=None):
+        """[soft prompt (Q); embedded tokens] and its attention mask [prompt_mask or 1] * Q + the tokens' mask."""
+        tokens = tokens.to(prompt_embeds.device, non_blocking=True)  # no wait for the GPU
+        embeds = torch.cat([prompt_embeds.to(self.model.dtype), self.embed(tokens.input_ids)], dim=1)
+        if prompt_mask is None:
+            prompt_mask = tokens.attention_mask.new_ones(prompt_embeds.shape[:2])
+        return embeds, torch.cat([prompt_mask.to(tokens.attention_mask), tokens.attention_mask], dim=1)
+
+    def inputs(self, prompt_embeds, texts):
+        """The LLM's inputs for the LM loss of `texts` after the soft prompt, as keyword arguments of its forward.
+        Decoder-only: [soft prompt (Q); BOS + text prompt + " " + text + "\n"], right-padded to the longest (at
+        most max_txt_len tokens); labels -100 on the soft prompt, the padding, BOS and the text prompt. As in LAVIS,
+        the hidden length is that of the prompt alone (BOS + "a photo of"), so the caption's first word is learned.
+        FlanT5: the encoder reads [soft prompt; prefix], the decoder's labels are the rest of the text."""
+        if self.is_encoder_decoder:
+            prefixes, targets = split_captions(texts, self.prompt, self.t5_prefix_split)
+            embeds, attn = self.with_soft_prompt(prompt_embeds, self.tokenize(prefixes, max_length=self.max_txt_len))
+            dec = self.tokenize(targets, max_length=self.max_txt_len).to(embeds.device, non_blocking=True)
+            labels = dec.input_ids.masked_fill(dec.attention_mask == 0, -100)
+            return dict(inputs_embeds=embeds, attention_mask=attn, labels=labels,
+                        decoder_attention_mask=dec.attention_mask)
+        joined = [f"{self.prompt} {text}\n" if self.prompt else text + "\n" for text in texts]
+        t = self.tokenize(joined, max_length=self.max_txt_len)
+        embeds, attn = self.with_soft_prompt(prompt_embeds, t)
+        labels = t.input_ids.to(embeds.device, non_blocking=True).masked_fill(attn[:, prompt_embeds.shape[1]:] == 0,
+                                                                             -100)
+        if self.prompt:  # BOS and the text prompt are given, not predicted
+            labels[:, : len(self.tokenizer(self.prompt).input_ids)] = -100
+        labels = torch.cat([labels.new_full(prompt_embeds.shape[:2], -100), labels], dim=1)
+        return dict(inputs_embeds=embeds, attention_mask=attn, labels=labels)
+
+    def lm_loss(self, prompt_embeds, texts):
+        """The LM loss of `texts` after the soft prompt: token-level cross-entropy, mean over the batch's targets."""
+        with self.autocast(prompt_embeds.device):
+            inputs = self.inputs(prompt_embeds, texts)
+            if self.is_encoder_decoder:
+                return self.model(**inputs).loss.float()
+            labels = inputs.pop("labels")
+            Q, L = prompt_embeds.shape[1], labels.shape[1]
+            if not self._keeps_logits:
+                logits = self.model(**inputs).logits  # B x (Q + L) x V
+                return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+            # speed: the LM head (d_LLM x V) and the softmax only where a text token is predicted, positions
+            # Q-1 .. Q+L-2 (the soft prompt's own positions predict nothing): B x L x V instead of B x (Q + L) x V.
+            # No KV cache either: nothing is generated.
+            keep = torch.arange(Q - 1, L - 1, device=labels.device)
+            logits = self.model(**inputs, logits_to_keep=keep, use_cache=False).logits  # B x L x V
+            return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, Q:].flatten())
+
+    @torch.no_grad()
+    def generate_tokens(self, prompt_embeds, prompt=None, num_beams=5, max_new_tokens=30, min_new_tokens=1,
+                        length_penalty=1.0, prompt_mask=None, **kwargs):
+        """Token ids generated after a soft prompt and a text prompt (one string, or one per row; default
+        self.prompt): greedy (num_beams=1) or beam search. Decoder-only models stop at "\n", T5 at </s>.
+        prompt_mask (B x Q, 1 = real) hides soft-prompt vectors, e.g. those of a clip's padded frames."""
+        prompt = self.prompt if prompt is None else prompt
+        prompts = [prompt] * prompt_embeds.shape[0] if isinstance(prompt, str) else list(prompt)
+        # decoder-only: left padding keeps every text prompt right next to the text generated after it
+        t = self.tokenize(prompts, padding_side="right" if self.is_encoder_decoder else "left")
+        with self.autocast(prompt_embeds.device):
+            embeds, attn = self.with_soft_prompt(prompt_embeds, t, prompt_mask)
+            return self.model.generate(inputs_embeds=embeds, attention_mask=attn, num_beams=num_beams,
+                                       max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                       length_penalty=length_penalty, eos_token_id=self.eos_token_id,
+                                       pad_token_id=self.tokenizer.pad_token_id, do_sample=False, **kwargs)
+
+    def decode(self, tokens):
+        return [s.strip() for s in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+
+def split_captions(captions, prompt="", random_split=False):
+    """(encoder prefixes, decoder targets) for FlanT5. Default as the released code: prefix = the prompt.
+    With `random_split` as the paper: cut each caption after k words, k uniform in [0, n-1], so the target is
+    never empty and a one-word caption is all target (the official randint(1, n // 2) crashes on those)."""
+    if not random_split:
+        return [prompt] * len(captions), list(captions)
+    prefixes, targets = [], []
+    for cap in captions:
+        words = cap.split()
+        k = int(torch.randint(len(words), ())) if words else 0
+        prefixes.append(" ".join(words[:k]))
+        targets.append(" ".join(words[k:]))
+    return prefixes, targets

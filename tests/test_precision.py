@@ -1,0 +1,173 @@
+"""The CUDA paths, proved on CPU where a CPU can: gradient accumulation under DDP (2 gloo ranks), float32 compute over
+half-precision frozen encoders, the frozen LLM computing in its own dtype under a caller's autocast (no re-cast
+weights), torch.compile within its recompile limit through a validation pass, and frozen weights that DDP leaves
+alone. tests/test_cuda.py runs the rest on a GPU."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import tiny
+from model import Blip2Stage1, compile_blocks, read_checkpoint
+from pretrained import blip2_stage2_from_hf, init_from_bert
+from scripts import read_log, run_script, tiny_data_args
+
+# ---------------------------------------------------------------- DDP with gradient accumulation
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_rank(rank, port, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)  # 2 ranks on 2 cores
+    run_script("train_stage2.py", *args)
+
+
+def test_ddp_with_gradient_accumulation_equals_one_process(tiny_world, tmp_path):
+    """2 gloo ranks x batch 2 x 2 micro-steps = 1 process x batch 4 x 2 micro-steps: the same logged losses and the
+    same weights after 2 steps. (DDP's no_sync is a one-use context: entered twice per micro-step it crashed.) The
+    captions have equal token counts, since the LM loss is a token mean per rank."""
+    with open(f"{tiny_world}/train.json") as f:
+        one_object = [dict(a, caption=a["caption"][0]) for a in json.load(f) if len(a["scene"]) == 1]
+    ann = tmp_path / "equal_lengths.json"
+    ann.write_text(json.dumps(one_object))
+    common = ["config/stage2_tiny.py", *tiny_data_args(tiny_world), f"--llm_model={tiny_world}/llm",
+              f"--train_ann=['{ann}']", "--val_ann=[]", "--stage1_ckpt=", "--dropout=0.0", "--max_steps=2",
+              "--log_interval=1", "--grad_accum=2", "--augment=True"]
+    run_script("train_stage2.py", *common, "--batch_size=4", f"--out_dir={tmp_path / 'one'}")
+    mp.spawn(_train_rank, args=(free_port(), [*common, "--batch_size=2", f"--out_dir={tmp_path / 'two'}"]),
+             nprocs=2, join=True)
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [r["lm"] for r in two] == pytest.approx([r["lm"] for r in one], rel=1e-5)
+    a, b = (read_checkpoint(str(tmp_path / d / "ckpt.pt"))["model"] for d in ("one", "two"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+# ---------------------------------------------------------------- dtypes of the frozen parts
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return tiny.bert_dir(str(tmp_path_factory.mktemp("bert")))
+
+
+def images(n=2):
+    return torch.randn(n, 3, tiny.IMAGE, tiny.IMAGE, generator=torch.Generator().manual_seed(0))
+
+
+def test_float32_compute_over_half_precision_frozen_encoders(bert):
+    """--dtype=float32 with the default half-precision frozen ViT and LLM: the encoders hand the trainable parts
+    float32 (it crashed with 'mat1 and mat2 must have the same dtype')."""
+    stage1 = Blip2Stage1(tiny.our_config(bert, vit_dtype="bfloat16")).train()
+    out = stage1(images(4), ["a red square", "a blue circle", "a big green triangle", "a small circle"])
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and stage1.ln_vision.weight.grad is not None
+    hf, tok = tiny.hf_blip2("opt")
+    stage2 = blip2_stage2_from_hf(hf, tokenizer=tok, dtype="bfloat16").train()
+    assert stage2.visual.vit.blocks[0].attn.qkv.weight.dtype == stage2.llm.model.dtype == torch.bfloat16
+    loss = stage2(images(), ["a red square", "a blue circle"])["loss"]
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and stage2.llm_proj.weight.grad is not None
+    assert len(stage2.eval().generate(images(), num_beams=2, max_new_tokens=3)) == 2
+
+
+class CastCounter(TorchDispatchMode):
+    """Counts the dtype casts (aten._to_copy) of the given weights (matrices; LayerNorm's vectors are cast to fp32 by
+    autocast's rule for layer_norm, as they should be)."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.pointers, self.casts = {w.data_ptr() for w in weights}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.pointers:
+            self.casts += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_frozen_llm_is_not_recast_under_another_autocast_dtype():
+    """The frozen LLM owns its autocast, as the frozen ViT does: with bf16 weights under the caller's fp16 autocast
+    (on CUDA: fp16 OPT under the scripts' bf16), no weight is cast on any call (each cast is a copy of the weights,
+    every forward, kept for the backward)."""
+    hf, tok = tiny.hf_blip2("opt")
+    model = blip2_stage2_from_hf(hf, tokenizer=tok, dtype="bfloat16").train()
+    counter = CastCounter([p for p in model.llm.model.parameters() if p.ndim == 2])
+    with counter:
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(images(), ["a red square", "a blue circle"])["loss"]
+        loss.backward()  # outside autocast, as train_common runs it
+        with torch.autocast("cpu", dtype=torch.float16):
+            model.eval().generate(images(), num_beams=1, max_new_tokens=2)
+    assert counter.casts == 0
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+def test_compiled_stage1_stays_within_the_recompile_limit_through_validation(bert):
+    """compile=True compiles one graph per attention regime, not one per layer: training, a validation pass (eval
+    mode) and captions of other lengths stay within torch.compile's recompile limit, so nothing falls back to eager
+    (with per-layer graphs, stage 1 passed the limit at its first validation)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = init_from_bert(Blip2Stage1(tiny.our_config(bert, dropout=0.1)), bert)
+    compile_blocks(model, backend="eager")  # dynamo's graphs and guards without inductor's code generation
+    batches = [["a red square", "two big blue circles"], ["a circle", "the small green triangle above a square"],
+               ["a big red square above a small blue circle", "one"]]
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for mode in ("train", "eval", "train"):
+            model.train(mode == "train")
+            for captions in batches:
+                with torch.set_grad_enabled(mode == "train"):
+                    out = model(images(), captions)
+                if mode == "train":
+                    out["loss"].backward()
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------- DDP leaves frozen weights alone
+
+
+def _frozen_rank(rank, port):
+    import torch.distributed as dist
+
+    import train_common as tc
+    from distributed import Dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(rank)  # different weights on each rank, frozen and trainable
+        net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+        net[0].requires_grad_(False)
+        net.register_buffer("table", torch.full((3,), float(rank)))
+        d = Dist(ddp=True, rank=rank, local_rank=rank, world_size=2, device="cpu", master=rank == 0)
+        _, wrapped = tc.prepare_model(net, {"compile": False}, d)
+        mine = net[0].weight.detach().clone()
+        gathered = [torch.empty_like(mine) for _ in range(2)]
+        dist.all_gather(gathered, mine)
+        assert not torch.equal(gathered[0], gathered[1]), "the frozen weight was broadcast"
+        assert net.table[0].item() == rank, "the buffer was broadcast"
+        trained = [torch.empty_like(net[1].weight) for _ in range(2)]
+        dist.all_gather(trained, net[1].weight.detach())
+        assert torch.equal(trained[0], trained[1]), "the trainable weight was not synchronised"
+        wrapped(torch.randn(2, 4)).sum().backward()  # the all-reduce of the trainable gradients still runs
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_does_not_broadcast_frozen_weights():
+    """Every rank builds the same frozen parts from the same files or seed; broadcasting a ViT-g and an OPT-2.7b at
+    start-up would move about 7 GB."""
+    mp.spawn(_frozen_rank, args=(free_port(),), nprocs=2, join=True)
