@@ -551,6 +551,8 @@ def main():
         raise ValueError(f"stage must be 0, 1, 2 or 'all', got {stage!r}")
     if threads:
         torch.set_num_threads(threads)
+    if device.startswith("cuda"):  # as the train scripts (distributed.setup_distributed): TF32 for float32 products
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     stages = [0, 1, 2] if stage in (None, "all") else [int(stage)]
     return [(print_flops_only if flops_only else bench_stage)(s) for s in stages]
 

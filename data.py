@@ -107,6 +107,82 @@ def _unreadable(name, err, strict):
 MAX_CONSECUTIVE_UNREADABLE = 100
 
 # -----------------------------------------------------------------------------
+# video: PyAV decoding, LAVIS's frame sampling, one crop and flip per clip
+
+VIDEO_EXTENSIONS = ("mp4", "avi", "mkv", "webm", "mov")
+
+
+def sample_frame_indices(n_total, num_frames, sampling, rng=None):
+    """Which frames of a video of n_total frames, as LAVIS samples them: "uniform" (evaluation) the first frame of
+    each of num_frames equal parts, np.arange(0, n, n / T); "headtail" (training) T/2 random frames from each half,
+    sorted. A video with no more frames than num_frames gives all of them (pad_clip pads and masks the rest)."""
+    if n_total <= num_frames:
+        return list(range(n_total))
+    if sampling == "uniform":
+        return np.arange(0, n_total, n_total / num_frames).astype(int)[:num_frames].tolist()
+    half, head = n_total // 2, num_frames // 2
+    return sorted(rng.sample(range(half), head)) + sorted(rng.sample(range(half, n_total), num_frames - head))
+
+
+def decode_frames(source, num_frames, sampling="uniform", rng=None):
+    """The sampled frames (PIL images, in order) of a video: a path, or a file object such as the bytes of a clip
+    in a tar shard, decoded with PyAV (FFmpeg in its wheel). Decoding stops after the last frame wanted."""
+    import av
+
+    with av.open(source) as container:
+        stream = container.streams.video[0]
+        n_total = stream.frames  # from the container's header; 0 when it does not say
+        if n_total <= 0:
+            n_total = sum(1 for _ in container.decode(stream))
+            container.seek(0)
+        wanted = sample_frame_indices(n_total, num_frames, sampling, rng)
+        if not wanted:
+            raise ValueError("no video frame in it")
+        frames, keep = {}, set(wanted)
+        for index, frame in enumerate(container.decode(stream)):
+            if index in keep:
+                frames[index] = frame.to_image()
+            if index >= wanted[-1]:
+                break
+    if len(frames) < len(wanted):
+        raise ValueError(f"only {len(frames)} of the {len(wanted)} frames wanted could be decoded (truncated?)")
+    return [frames[i] for i in wanted]
+
+
+class ClipTransform:
+    """A clip's frames (PIL images) -> T x 3 x S x S: for training one random crop of 50-100% of the area and one
+    flip for all the frames of the clip (an object must not jump between frames), for evaluation the resize;
+    CLIP normalisation. Draws from torch's random state, which the datasets seed per sample."""
+
+    def __init__(self, image_size, train):
+        self.image_size, self.train = image_size, train
+        self.normalize = transforms.Normalize(CLIP_MEAN, CLIP_STD)
+
+    def __call__(self, frames):
+        from torchvision.transforms import functional as TF
+
+        size, frames = [self.image_size] * 2, [_to_rgb(f) for f in frames]
+        if self.train:
+            top, left, h, w = transforms.RandomResizedCrop.get_params(frames[0], scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3))
+            flip = bool(torch.rand(()) < 0.5)
+            frames = [TF.resized_crop(f, top, left, h, w, size, InterpolationMode.BICUBIC) for f in frames]
+            frames = [TF.hflip(f) for f in frames] if flip else frames
+        else:
+            frames = [TF.resize(f, size, InterpolationMode.BICUBIC) for f in frames]
+        return torch.stack([self.normalize(TF.to_tensor(f)) for f in frames])
+
+
+def pad_clip(clip, num_frames):
+    """{"image": the clip padded to num_frames by repeating its last frame, "frame_mask": 1 for its real frames}.
+    The model hides the padded frames from the Q-Former's cross-attention."""
+    n = len(clip)
+    mask = torch.zeros(num_frames, dtype=torch.long)
+    mask[:n] = 1
+    if n < num_frames:
+        clip = torch.cat([clip, clip[-1:].expand(num_frames - n, *clip.shape[1:])])
+    return {"image": clip, "frame_mask": mask}
+
+# -----------------------------------------------------------------------------
 # annotation files
 
 
@@ -130,7 +206,8 @@ def _check_entry(ann, path, where, media_key, text_key):
 
 def load_annotations(path, media_key="image", text_key="caption"):
     """Read a LAVIS-style annotation file: a JSON list of {"image": ..., "caption": str or [str, ...]} objects, or
-    JSONL (one object per line) when the name ends in .jsonl. media_key: "image", "video", or None (text only).
+    JSONL (one object per line) when the name ends in .jsonl. media_key: "image", "video" (WebVid's {"videoid",
+    "name"} entries read as {"video": "{videoid}.mp4", "caption": name}), or None (text only).
     Errors name the file and the entry (0-based list index for JSON, 1-based line number for JSONL)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -157,6 +234,9 @@ def load_annotations(path, media_key="image", text_key="caption"):
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
         entries = [(f"entry {i}", ann) for i, ann in enumerate(data)]
+    if media_key == "video":  # WebVid's {"videoid", "name"}: the video is {videoid}.mp4, the caption its name
+        entries = [(w, {"video": f"{a['videoid']}.mp4", "caption": a["name"]} if isinstance(a, dict) and "videoid" in a
+                    and "video" not in a else a) for w, a in entries]
     for where, ann in entries:
         _check_entry(ann, path, where, media_key, text_key)
     return [ann for _, ann in entries]
@@ -216,20 +296,21 @@ class ImageTextDataset(EpochSeeded):
     one (i+1, i+2, ... wrapping around), "skipped" counts the unreadable samples passed over (0 normally), and
     one warning per file names it. MAX_CONSECUTIVE_UNREADABLE bad samples in a row raise (a wrong image root
     looks like this). strict=True raises on the first unreadable image, naming it."""
+    media_key, what = "image", "image"
 
     def __init__(self, ann_paths, image_roots, transform, max_words=50, strict=False, seed=0):
         super().__init__(seed)
         ann_paths, image_roots = _as_list(ann_paths), _as_list(image_roots)
         if len(ann_paths) != len(image_roots):
-            raise ValueError(f"got {len(ann_paths)} annotation files but {len(image_roots)} image roots; "
-                             "give one image root per annotation file")
+            raise ValueError(f"got {len(ann_paths)} annotation files but {len(image_roots)} roots; "
+                             "give one root per annotation file")
         images, captions, self._root_ends = [], [], []
         for ann_path, root in zip(ann_paths, image_roots):
             if not os.path.isdir(root):
-                raise FileNotFoundError(f"image root not found: {root} (for {ann_path})")
-            for ann in load_annotations(ann_path):
+                raise FileNotFoundError(f"{self.what} root not found: {root} (for {ann_path})")
+            for ann in load_annotations(ann_path, self.media_key):
                 for caption in _captions(ann):
-                    images.append(os.path.join(root, ann["image"]))
+                    images.append(os.path.join(root, ann[self.media_key]))
                     captions.append(caption)
             self._root_ends.append(len(captions))  # samples [previous end, this end) use this root
         self.images, self.captions = _StringArray(images), _StringArray(captions)
@@ -242,8 +323,16 @@ class ImageTextDataset(EpochSeeded):
     def __len__(self):
         return len(self.captions)
 
+    def load(self, path, i):
+        """The decoded media of sample i (an image here; frames or features in the subclasses below)."""
+        return _decode_image(path)
+
+    def item(self, media, i):
+        """The sample's tensors, augmented with the seeds of sample i."""
+        return {"image": self.augment(self.transform, i)(media)}
+
     def readable(self, i):
-        """(j, decoded image): the first readable sample j = i, i+1, ... (wrapping around), per the rule above."""
+        """(j, decoded media): the first readable sample j = i, i+1, ... (wrapping around), per the rule above."""
         n = len(self)
         tries = min(MAX_CONSECUTIVE_UNREADABLE, n)
         for skipped in range(tries):
@@ -252,40 +341,82 @@ class ImageTextDataset(EpochSeeded):
             if path in self._bad:
                 continue
             try:
-                return j, _decode_image(path)
-            except Exception as e:  # PIL signals broken files with many exception types
-                _unreadable(f"image {path}", e, self.strict)
+                return j, self.load(path, i)
+            except Exception as e:  # PIL and PyAV signal broken files with many exception types
+                _unreadable(f"{self.what} {path}", e, self.strict)
                 self._bad.add(path)
         root = self.image_roots[bisect.bisect_right(self._root_ends, i)]
-        raise RuntimeError(f"{tries} consecutive unreadable images from sample {i}, the first {self.images[i]}; "
-                           f"check the image root ({root})")
+        raise RuntimeError(f"{tries} consecutive unreadable {self.what}s from sample {i}, the first "
+                           f"{self.images[i]}; check the root ({root})")
 
     def __getitem__(self, i):
         i = range(len(self))[i]  # negative indices as for a list; IndexError outside
-        j, image = self.readable(i)
-        return {"image": self.augment(self.transform, i)(image), "text": clean_caption(self.captions[j], self.max_words),
+        j, media = self.readable(i)
+        return {**self.item(media, i), "text": clean_caption(self.captions[j], self.max_words),
                 "image_id": image_id_of(self.images[j]), "skipped": (j - i) % len(self)}
 
 
+class VideoTextDataset(ImageTextDataset):
+    """Video-caption pairs in LAVIS's formats (MSRVTT / MSVD / VATEX: {"video": "name.mp4", "caption": ...};
+    WebVid: {"videoid", "name"}), JSON or JSONL, one video root per file. Each sample is a clip of num_frames
+    frames decoded with PyAV, sampled "headtail" with the same random crop and flip for all its frames (augment:
+    training) or "uniform" and resized (evaluation, and training without augmentation): {"image": T x 3 x S x S,
+    "frame_mask": T (1 = a real frame; a short clip is padded)}.
+    An unreadable video (missing, empty, truncated, not a video) is skipped and counted as an image is."""
+    media_key, what = "video", "video"
+
+    def __init__(self, ann_paths, video_roots, image_size, num_frames, augment, max_words=50, strict=False, seed=0):
+        super().__init__(ann_paths, video_roots, ClipTransform(image_size, augment), max_words, strict, seed)
+        self.num_frames, self.sampling = num_frames, "headtail" if augment else "uniform"
+
+    def load(self, path, i):
+        rng = random.Random(hash((self.seed, int(self._epoch[0]), i)))
+        return decode_frames(path, self.num_frames, self.sampling, rng)
+
+    def item(self, frames, i):
+        return pad_clip(self.augment(self.transform, i)(frames), self.num_frames)
+
+
+class ClipFeatureDataset(ImageTextDataset):
+    """Pre-extracted clip features (e.g. I3D, S segments x 1024) in place of videos: for each annotation entry's
+    "video" (name.mp4), the array root/name.npy, S x F, cut or zero-padded to num_frames segments with a mask, as
+    the P-Former paper's VATEX runs read them: {"image": T x F, "frame_mask": T}."""
+    media_key, what = "video", "feature file"
+
+    def __init__(self, ann_paths, feature_roots, num_frames, max_words=50, strict=False, seed=0):
+        super().__init__(ann_paths, feature_roots, None, max_words, strict, seed)
+        self.num_frames = num_frames
+
+    def load(self, path, i):
+        features = torch.from_numpy(np.load(os.path.splitext(path)[0] + ".npy", allow_pickle=False)).float()
+        if features.ndim != 2 or not len(features):
+            raise ValueError(f"expected an S x F array of features, got shape {tuple(features.shape)}")
+        return features[: self.num_frames]
+
+    def item(self, features, i):
+        return pad_clip(features, self.num_frames)
+
+
 class FrozenFeatureDataset(Dataset):
-    """An ImageTextDataset with each image replaced by the frozen image encoder's output for it (N x width),
-    computed once per distinct image by `encode` (B x 3 x H x W -> B x N x width) and kept in CPU memory; the
-    encoder passes such features through. Only for runs without augmentation (augment=False), where the encoder
-    sees the same pixels every epoch: its forward then runs once per image instead of once per sample and epoch.
-    Memory: images x N x width in the encoder's dtype (COCO's 113k images at ViT-g's 257 x 1408 in fp16: 82 GB),
-    so this is for small datasets and fast ablations. Under DDP every rank computes all of them. An unreadable
-    image is replaced by the next readable sample's, as in ImageTextDataset."""
+    """An ImageTextDataset (or VideoTextDataset) with each image (clip) replaced by the frozen image encoder's output
+    for it (N x width, or T x N x width), computed once per distinct file by `encode` and kept in CPU memory; the
+    encoder passes such features through. Only for runs without augmentation (augment=False: no crop, no flip, and
+    clips sampled uniformly), where the encoder sees the same pixels every epoch: its forward then runs once per file
+    instead of once per sample and epoch. Memory: files x N x width in the encoder's dtype (COCO's 113k images at
+    ViT-g's 257 x 1408 in fp16: 82 GB), so this is for small datasets and fast ablations. Under DDP every rank
+    computes all of them. An unreadable file is replaced by the next readable sample's, as in the dataset."""
 
     def __init__(self, dataset, encode, batch_size=64):
         if not isinstance(dataset, ImageTextDataset):
             raise TypeError("FrozenFeatureDataset needs annotation files (an ImageTextDataset): tar shards are "
                             "streamed once, not indexed")
         self.dataset, self.source = dataset, dataset.source
-        row_of_path, todo, chunks = {}, [], []  # image path -> its row in self.features; images for the encoder
+        row_of_path, todo, chunks, masks = {}, [], [], []  # path -> its row in self.features; items to encode
 
         def flush():
             if todo:
-                chunks.append(encode(torch.stack(todo)).cpu())
+                chunks.append(encode(torch.stack([it["image"] for it in todo])).cpu())
+                masks.extend(it.get("frame_mask") for it in todo)
                 todo.clear()
 
         self.sample, self.row = [], []  # for sample i: the readable sample j shown, and its row
@@ -295,10 +426,10 @@ class FrozenFeatureDataset(Dataset):
                 path = dataset.images[j]
                 if path not in row_of_path:
                     try:
-                        todo.append(dataset.transform(_decode_image(path)))
+                        todo.append(dataset.item(dataset.load(path, j), j))
                         row_of_path[path] = len(row_of_path)
-                    except Exception as e:  # PIL signals broken files with many exception types
-                        _unreadable(f"image {path}", e, dataset.strict)
+                    except Exception as e:  # PIL and PyAV signal broken files with many exception types
+                        _unreadable(f"{dataset.what} {path}", e, dataset.strict)
                         row_of_path[path] = None
                     if len(todo) == batch_size:
                         flush()
@@ -306,24 +437,25 @@ class FrozenFeatureDataset(Dataset):
                     break
                 j = (j + 1) % len(dataset)
                 if j == i:
-                    raise RuntimeError(f"no readable image in {dataset.image_roots}")
+                    raise RuntimeError(f"no readable {dataset.what} in {dataset.image_roots}")
             self.sample.append(j)
             self.row.append(row_of_path[path])
         flush()
-        # rows were numbered over readable images only
+        # rows were numbered over readable files only
         readable = sorted(r for r in row_of_path.values() if r is not None)
         renumber = {r: k for k, r in enumerate(readable)}
         self.row = [renumber[r] for r in self.row]
-        self.features = torch.cat(chunks)  # images x N x width
+        self.features, self.masks = torch.cat(chunks), masks  # files x N x width (x T first for clips)
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, i):
         i = range(len(self))[i]
-        j = self.sample[i]
-        return {"image": self.features[self.row[i]], "text": clean_caption(self.dataset.captions[j],
-                                                                           self.dataset.max_words),
+        j, row = self.sample[i], self.row[i]
+        item = {"image": self.features[row]} if self.masks[row] is None else \
+            {"image": self.features[row], "frame_mask": self.masks[row]}
+        return {**item, "text": clean_caption(self.dataset.captions[j], self.dataset.max_words),
                 "image_id": image_id_of(self.dataset.images[j]), "skipped": (j - i) % len(self)}
 
 
@@ -398,7 +530,8 @@ def _shuffled(samples, buffer_size, rng):
 
 class TarShardDataset(IterableDataset):
     """Streams samples from webdataset tar shards (the img2dataset layout: key.jpg / .jpeg / .png / .webp next to
-    key.txt and/or key.json with a "caption"; .txt wins), read with webdataset's tar reader. Samples missing an image
+    key.txt and/or key.json with a "caption"; .txt wins), read with webdataset's tar reader; with num_frames, clips
+    (key.mp4 ... + key.txt, decoded as VideoTextDataset does, its transform a ClipTransform). Samples missing an image
     or a caption are passed over silently. Items are {"image", "text", "image_id", "skipped"} or, with
     transform=None, {"text", "skipped"} without reading images (text-only stage 0). An undecodable sample is never
     yielded (batches keep their size, which DDP's feature gathering needs): with strict=False a warning names it
@@ -415,8 +548,8 @@ class TarShardDataset(IterableDataset):
     num_workers, is approximate when undecodable samples were passed over."""
 
     def __init__(self, shards, transform, max_words=50, strict=False, shuffle_buffer=1000, seed=0,
-                 rank=None, world_size=None):
-        self.shards = expand_shards(shards)
+                 rank=None, world_size=None, num_frames=0, sampling="headtail"):
+        self.shards, self.num_frames, self.sampling = expand_shards(shards), num_frames, sampling
         self.source = f"tar shards {shards!r}"
         self.transform, self.max_words, self.strict = transform, max_words, strict
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
@@ -459,11 +592,19 @@ class TarShardDataset(IterableDataset):
                 files = tar_file_expander([{"url": shard, "stream": stream}], handler=on_error)
                 for sample in group_by_keys(files, handler=on_error):
                     has_caption = "txt" in sample or "json" in sample
-                    has_image = self.transform is None or any(e in sample for e in IMAGE_EXTENSIONS)
+                    media = VIDEO_EXTENSIONS if self.num_frames else IMAGE_EXTENSIONS
+                    has_image = self.transform is None or any(e in sample for e in media)
                     if has_caption and has_image:
                         yield f"{shard}:{sample['__key__']}", sample
 
-    def _decode(self, name, files, augment):
+    def _media(self, files, key):
+        """The sample's image, or (num_frames) its clip sampled with seeds from `key`, undecoded as PIL."""
+        if not self.num_frames:
+            return _decode_image(io.BytesIO(files[next(e for e in IMAGE_EXTENSIONS if e in files)]))
+        video = io.BytesIO(files[next(e for e in VIDEO_EXTENSIONS if e in files)])
+        return decode_frames(video, self.num_frames, self.sampling, random.Random(hash(key)))
+
+    def _decode(self, name, files, key):
         try:
             if "txt" in files:
                 caption = files["txt"].decode("utf-8")
@@ -473,12 +614,12 @@ class TarShardDataset(IterableDataset):
                     raise ValueError(f"no string \"caption\" in {name}.json")
             if self.transform is None:
                 return {"text": clean_caption(caption, self.max_words)}
-            ext = next(e for e in IMAGE_EXTENSIONS if e in files)
-            image = _decode_image(io.BytesIO(files[ext]))
-        except Exception as e:  # PIL signals broken files with many exception types
+            media = seeded(self.transform, *key)(self._media(files, key))
+        except Exception as e:  # PIL and PyAV signal broken files with many exception types
             _unreadable(f"sample {name}", e, self.strict)
             return None
-        return {"image": augment(image), "text": clean_caption(caption, self.max_words), "image_id": image_id_of(name)}
+        item = pad_clip(media, self.num_frames) if self.num_frames else {"image": media}
+        return {**item, "text": clean_caption(caption, self.max_words), "image_id": image_id_of(name)}
 
     def __iter__(self):
         epoch, n_skip, skip_epoch = self._state.tolist()
@@ -491,8 +632,7 @@ class TarShardDataset(IterableDataset):
         for i, (name, files) in enumerate(samples):
             if epoch == skip_epoch and i < n_skip:
                 continue
-            augment = seeded(self.transform, self.seed, epoch, self.rank, worker, i) if self.transform else None
-            item = self._decode(name, files, augment)
+            item = self._decode(name, files, (self.seed, epoch, self.rank, worker, i))
             if item is None:
                 skipped += 1
                 continue
@@ -598,24 +738,34 @@ def build_loader(dataset, batch_size, num_workers, seed=0, shuffle=True, drop_la
     return loader, sampler
 
 
-def image_text_loader(ann_paths, image_roots, shards, transform, batch_size, num_workers, seed=0, strict=False,
-                      shuffle=True, encode=None, validation=False):
-    """The image-caption DataLoader of stages 1 and 2: tar `shards` when given (streamed, split over ranks and
-    workers), else the annotation files with their image folders. With `encode` (the frozen image encoder),
-    "image" holds its features, computed once (FrozenFeatureDataset). A validation loader keeps its last partial
-    batch (a validation set smaller than a batch is still evaluated)."""
+def image_text_loader(ann_paths, roots, shards, batch_size, num_workers, image_size, train=True, augment=True, seed=0,
+                      strict=False, encode=None, video=False, num_frames=1, feature_dim=0):
+    """The DataLoader of stages 1 and 2: tar `shards` when given (streamed, split over ranks and workers), else the
+    annotation files with their roots. Images (augmented for training with `augment`), or with `video` clips of
+    num_frames frames, or with feature_dim pre-extracted clip features. With `encode` (the frozen image encoder),
+    "image" holds its features, computed once (FrozenFeatureDataset). A loader that is not for training keeps its
+    last partial batch (a validation set smaller than a batch is still evaluated) and does not shuffle."""
+    augment = train and augment
+    image_tf = train_transform(image_size) if augment else eval_transform(image_size)
     if shards:
-        if encode is not None:
-            raise ValueError("cached image features need annotation files (train_ann), not tar shards")
-        dataset = TarShardDataset(shards, transform, strict=strict, seed=seed)
+        if encode is not None or feature_dim:
+            raise ValueError("cached image features and clip features need annotation files (train_ann), not shards")
+        transform = ClipTransform(image_size, augment) if video else image_tf
+        dataset = TarShardDataset(shards, transform, strict=strict, seed=seed, num_frames=num_frames if video else 0,
+                                  sampling="headtail" if augment else "uniform")
+    elif not ann_paths:
+        raise ValueError("no training data: give annotation files (train_ann) or tar shards (train_shards)")
+    elif feature_dim:
+        dataset = ClipFeatureDataset(ann_paths, roots, num_frames, strict=strict, seed=seed)
+    elif video:
+        dataset = VideoTextDataset(ann_paths, roots, image_size, num_frames, augment, strict=strict, seed=seed)
     else:
-        if not ann_paths:
-            raise ValueError("no training data: give annotation files (train_ann) or tar shards (train_shards)")
-        dataset = ImageTextDataset(ann_paths, image_roots, transform, strict=strict, seed=seed)
-        if encode is not None:
-            dataset = FrozenFeatureDataset(dataset, encode, batch_size)
-    return build_loader(dataset, batch_size, num_workers, seed=seed, shuffle=shuffle and not validation,
-                        drop_last=not validation)[0]
+        dataset = ImageTextDataset(ann_paths, roots, image_tf, strict=strict, seed=seed)
+    if encode is not None:
+        if feature_dim:
+            raise ValueError("cache_vit_features is for images and clips, not for pre-extracted features")
+        dataset = FrozenFeatureDataset(dataset, encode, batch_size)
+    return build_loader(dataset, batch_size, num_workers, seed=seed, shuffle=train, drop_last=train)[0]
 
 
 def text_loader(paths, shards, batch_size, num_workers, seed=0, validation=False):

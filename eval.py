@@ -25,14 +25,17 @@ from tqdm import tqdm
 import metrics as M
 import train_common as tc
 from configurator import apply_overrides, config_snapshot
-from data import clean_caption, eval_transform
+import numpy as np
+
+from data import ClipTransform, clean_caption, decode_frames, eval_transform, pad_clip
 from distributed import cleanup_distributed, gather_objects, is_master, setup_distributed
 from model import Blip2Stage1, Blip2Stage2, from_checkpoint
 
 # -----------------------------------------------------------------------------
 # default config
 task = "vqav2"  # vqav2 | okvqa | gqa | vqa (generic list) | coco_caption | nocaps | caption (generic list) |
-#                 coco_retrieval | flickr_retrieval
+#                 coco_retrieval | flickr_retrieval | video: msrvtt_caption | msvd_caption | vatex_caption |
+#                 video_caption (generic) | msrvtt_qa | msvd_qa | video_qa (generic)
 # the model: exactly one of
 ckpt = ""  # this project's checkpoint: stage 2 (VQA, captioning) or stage 1 (retrieval), e.g. out/stage2/ckpt.pt
 hf = ""  # a Hugging Face BLIP-2 (Hub name or directory): Blip2ForConditionalGeneration or Blip2ForImageTextRetrieval
@@ -41,7 +44,7 @@ hf_dtype = ""  # frozen ViT / LLM weights of an HF model; '' = float32 on CPU, f
 # data: '' = the task's default in TASK_DATA
 ann_file = ""  # VQAv2 / OK-VQA questions, GQA questions, or the caption / retrieval / generic annotation file
 answers_file = ""  # VQAv2 / OK-VQA: the annotations file with the answers
-image_root = ""
+image_root = ""  # images, videos, or clip features (.npy), as the model reads
 image_pattern = ""  # VQAv2 / OK-VQA / GQA: the image file name from the image id
 skip_missing_images = False  # False: a missing image file stops the run, naming it; True: skipped and counted
 limit = 0  # evaluate only the first `limit` questions / images (quick checks); 0 = all
@@ -52,6 +55,9 @@ max_new_tokens = None  # VQA 10, captioning 30
 min_new_tokens = None  # VQA 1, captioning 8
 length_penalty = None  # VQA: -1 for FlanT5, 0 for decoder-only LLMs; captioning: 1.0
 caption_scorers = ["BLEU", "METEOR", "ROUGE-L", "CIDEr", "SPICE"]  # pycocoevalcap's; METEOR's Java start-up is slow
+# video: clips of the model's num_frames frames, sampled uniformly (LAVIS)
+num_frames = 0  # 0: the model's own (its config); an image model needs per_frame for clips
+per_frame = False  # the Q-Former reads each frame alone and the LLM reads all their soft prompts (InstructBLIP)
 # retrieval
 k_test = 128  # ITM re-ranks the top k_test candidates of every query
 # system
@@ -67,7 +73,10 @@ DEFAULTS = config_snapshot(globals())  # the config above, before anything else 
 VQA_PROMPT = "Question: {} Short answer:"
 TASK_FAMILY = {"vqav2": "vqa", "okvqa": "vqa", "gqa": "vqa", "vqa": "vqa", "coco_caption": "caption",
                "nocaps": "caption", "caption": "caption", "coco_retrieval": "retrieval",
-               "flickr_retrieval": "retrieval"}
+               "flickr_retrieval": "retrieval", "msrvtt_caption": "caption", "msvd_caption": "caption",
+               "vatex_caption": "caption", "video_caption": "caption", "msrvtt_qa": "vqa", "msvd_qa": "vqa",
+               "video_qa": "vqa"}
+VIDEO_TASKS = {t for t in TASK_FAMILY if t.startswith(("msrvtt", "msvd", "vatex", "video"))}
 # default files, LAVIS' layout (the annotation files are LAVIS' / the benchmarks' own)
 TASK_DATA = {
     "vqav2": dict(ann_file="data/vqav2/annotations/v2_OpenEnded_mscoco_val2014_questions.json",
@@ -86,6 +95,13 @@ TASK_DATA = {
     "coco_retrieval": dict(ann_file="data/coco/annotations/coco_karpathy_test.json", image_root="data/coco/images"),
     "flickr_retrieval": dict(ann_file="data/flickr30k/annotations/flickr30k_test.json",
                              image_root="data/flickr30k/images"),
+    "msrvtt_caption": dict(ann_file="data/msrvtt/annotations/cap_test.json", image_root="data/msrvtt/videos"),
+    "msvd_caption": dict(ann_file="data/msvd/annotations/cap_test.json", image_root="data/msvd/videos"),
+    "vatex_caption": dict(ann_file="data/vatex/annotations/cap_val.json", image_root="data/vatex/features"),
+    "video_caption": dict(ann_file="", image_root=""),
+    "msrvtt_qa": dict(ann_file="data/msrvtt/annotations/qa_test.json", image_root="data/msrvtt/videos"),
+    "msvd_qa": dict(ann_file="data/msvd/annotations/qa_test.json", image_root="data/msvd/videos"),
+    "video_qa": dict(ann_file="", image_root=""),
 }
 
 # -----------------------------------------------------------------------------
@@ -134,27 +150,39 @@ def generation_kwargs(cfg, family, model):
 # images, sharding, progress
 
 
-class ImageFiles(Dataset):
-    """(eval-transformed image, index) for a list of image paths; an unreadable file is an error naming it."""
+class MediaFiles(Dataset):
+    """(media, frame mask, index) for a list of files: eval-transformed images, clips of num_frames frames sampled
+    uniformly (videos), or clip features (.npy), as the model reads; an unreadable file is an error naming it."""
 
-    def __init__(self, paths, transform):
-        self.paths, self.transform = list(paths), transform
+    def __init__(self, paths, image_size, num_frames=0, features=False):
+        self.paths, self.num_frames, self.features = list(paths), num_frames, features
+        self.transform = ClipTransform(image_size, train=False) if num_frames else eval_transform(image_size)
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
+        path = self.paths[i]
         try:
-            with Image.open(self.paths[i]) as img:
-                img = img.convert("RGB")
-        except Exception as e:  # PIL has many exception types for broken files
-            raise RuntimeError(f"cannot read image {self.paths[i]}: {type(e).__name__}: {e}") from None
-        return self.transform(img), i
+            if self.features:
+                clip = torch.from_numpy(np.load(os.path.splitext(path)[0] + ".npy", allow_pickle=False)).float()
+                item = pad_clip(clip[: self.num_frames], self.num_frames)
+            elif self.num_frames:
+                item = pad_clip(self.transform(decode_frames(path, self.num_frames, "uniform")), self.num_frames)
+            else:
+                with Image.open(path) as img:
+                    item = {"image": self.transform(img.convert("RGB")), "frame_mask": torch.ones(1, dtype=torch.long)}
+        except Exception as e:  # PIL and PyAV have many exception types for broken files
+            raise RuntimeError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+        return item["image"], item["frame_mask"], i
 
 
-def image_loader(paths, image_size, batch_size, num_workers):
-    return DataLoader(ImageFiles(paths, eval_transform(image_size)), batch_size=batch_size, shuffle=False,
-                      num_workers=num_workers)
+def media_loader(paths, model, cfg):
+    """The DataLoader of an evaluation's images or clips (cfg's num_frames, else the model's, for video tasks)."""
+    c = model.config
+    frames = (cfg["num_frames"] or c.num_frames) if cfg["task"] in VIDEO_TASKS else 0
+    return DataLoader(MediaFiles(paths, c.image_size, frames, features=c.feature_dim > 0),
+                      batch_size=cfg["batch_size"], shuffle=False, num_workers=cfg["num_workers"])
 
 
 def drop_missing_images(items, image_root, key, skip, what, skippable=True):
@@ -194,15 +222,17 @@ def progress(what, total, cfg):
 
 
 @torch.no_grad()
-def generate_texts(model, image_paths, prompts, gen_kwargs, cfg, bar=None):
-    """The text a Blip2Stage2 generates for each (image, text prompt) pair, in order."""
-    if len(image_paths) != len(prompts):
-        raise ValueError(f"{len(image_paths)} images but {len(prompts)} prompts")
-    out = [None] * len(image_paths)
-    for images, idx in image_loader(image_paths, model.config.image_size, cfg["batch_size"], cfg["num_workers"]):
-        idx = idx.tolist()
+def generate_texts(model, paths, prompts, gen_kwargs, cfg, bar=None):
+    """The text a Blip2Stage2 generates for each (image or clip, text prompt) pair, in order."""
+    if len(paths) != len(prompts):
+        raise ValueError(f"{len(paths)} images but {len(prompts)} prompts")
+    out = [None] * len(paths)
+    for media, frame_mask, idx in media_loader(paths, model, cfg):
+        idx, clips = idx.tolist(), media.ndim == 5 or model.config.feature_dim > 0
         with tc.autocast_context(cfg["device"], cfg["dtype"]):
-            texts = model.generate(images.to(cfg["device"]), prompt=[prompts[i] for i in idx], **gen_kwargs)
+            texts = model.generate(media.to(cfg["device"]), prompt=[prompts[i] for i in idx],
+                                   frame_mask=frame_mask.to(cfg["device"]) if clips else None,
+                                   per_frame=cfg["per_frame"], **gen_kwargs)
         for i, text in zip(idx, texts):
             out[i] = text
         if bar is not None:
@@ -279,7 +309,7 @@ def retrieval_features(model, image_paths, texts, cfg):
     embeds, image_feats = [], []
     store = torch.float32 if dtype == "float32" or not device.startswith("cuda") else tc.DTYPES[dtype]
     with progress("image features", len(image_paths), cfg) as bar:
-        for images, _ in image_loader(image_paths, model.config.image_size, cfg["batch_size"], cfg["num_workers"]):
+        for images, _, _ in media_loader(image_paths, model, cfg):
             with tc.autocast_context(device, dtype):
                 e = model.image_embeds(images.to(device))[0]
                 f = model.image_feats(model.qformer.encode_queries(e)[0])

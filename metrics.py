@@ -1,6 +1,6 @@
 """
 Scoring for eval.py, pure functions without a model: the benchmarks' annotation readers (VQAv2 / OK-VQA, GQA, COCO
-Karpathy, NoCaps, Flickr30k, MSRVTT / MSVD / VATEX video captions and video QA, and LAVIS-style generic lists),
+Karpathy, NoCaps, Flickr30k, LAVIS's MSRVTT / MSVD / VATEX video captions and MSRVTT-QA / MSVD-QA, and generic lists),
 VQA answer normalisation and accuracy as the official VQAv2 evaluation computes them, caption metrics with
 pycocoevalcap (BLEU, METEOR, ROUGE-L, CIDEr, SPICE), and image-text retrieval recall with ITM re-ranking.
 """
@@ -531,6 +531,10 @@ def load_vqa_list(path):
     data = _read_json(path)
     if not isinstance(data, list) or not data:
         raise ValueError(f"{path}: expected a non-empty list of {{image, question, answer}}")
+    return _vqa_entries(data, path)
+
+
+def _vqa_entries(data, path):
     out, seen = [], set()
     for i, e in enumerate(data):
         try:
@@ -560,6 +564,8 @@ def generic_vqa_scores(predictions, questions):
 
 
 def load_vqa_task(task, ann_path, answers_path, image_pattern):
+    if task.endswith("_qa"):
+        return load_video_qa(ann_path)
     if task in ("vqav2", "okvqa"):
         if not answers_path:
             raise ValueError(f"task={task} needs answers_file (the annotations JSON)")
@@ -571,6 +577,8 @@ def load_vqa_task(task, ann_path, answers_path, image_pattern):
 
 def load_caption_task(task, ann_path):
     """[{image_id, image, captions}]: COCO Karpathy test, NoCaps val, or a generic LAVIS list (image_id = image)."""
+    if task.startswith(("video", "msrvtt", "msvd", "vatex")):
+        return load_video_captions(ann_path)
     if task == "coco_caption":
         return load_karpathy_captions(ann_path)
     if task == "nocaps":
@@ -582,6 +590,38 @@ def load_caption_task(task, ann_path):
         seen.add(image)
         items.append({"image_id": image, "image": image, "captions": captions})
     return items
+
+
+def load_video_captions(path):
+    """LAVIS's video caption files (MSRVTT, MSVD, VATEX): a list of {"video": "name.mp4", "caption": str or [str],
+    ...}, one entry per caption or per video. Returns [{image_id: the video, image: the video, captions}], one per
+    video in the file's order (eval.py reads "image" as the media file)."""
+    data = _read_json(path)
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{path}: expected a non-empty list of {{video, caption}}")
+    captions = {}
+    for i, e in enumerate(data):
+        try:
+            video, caption = e["video"], e["caption"]
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{path}: entry {i} lacks key {err}") from None
+        caption = [caption] if isinstance(caption, str) else caption
+        if not caption or not all(isinstance(c, str) and c.strip() for c in caption):
+            raise ValueError(f"{path}: entry {i} ({video}) has an empty caption")
+        captions.setdefault(video, []).extend(caption)
+    return [{"image_id": v, "image": v, "captions": c} for v, c in captions.items()]
+
+
+def load_video_qa(path):
+    """MSRVTT-QA / MSVD-QA in LAVIS's format: a list of {"video", "question", "answer", "question_id"} (one answer,
+    scored by exact match after the VQA normalisation). Returns load_vqa's question dicts, "image" the video."""
+    data = _read_json(path)
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{path}: expected a non-empty list of {{video, question, answer}}")
+    for i, e in enumerate(data):
+        if not isinstance(e, dict) or "video" not in e:
+            raise ValueError(f"{path}: entry {i} lacks key 'video'")
+    return _vqa_entries([dict(e, image=e["video"]) for e in data], path)
 
 
 def load_retrieval_limited(path, limit):

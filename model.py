@@ -58,6 +58,7 @@ class Blip2Config:
     embed_dim: int = 256  # ITC projection
     max_txt_len: int = 32  # Q-Former text and LLM text, in tokens
     same_image_positives: bool = True  # stage 1: captions of one image in a batch are ITC positives, no ITM negative
+    stage1_losses: tuple = ("itc", "itm", "itg")  # () with a P-Former: alignment only (the paper's video recipe)
     # frozen LLM (stage 2, P-Former)
     llm_model: str = "facebook/opt-2.7b"  # Hugging Face causal LM or FlanT5 (name or directory)
     llm_dtype: str = "float32"  # frozen weights; float16 (OPT) / bfloat16 (FlanT5) on GPU
@@ -67,6 +68,7 @@ class Blip2Config:
     # P-Former
     mask_rate: float = 0.25  # stage 0: BERT input tokens replaced by [MASK]
     align_weight: float = 10.0  # stages 1 and 2 with a P-Former: 10 in stage 1, 100 in stage 2
+    align_prefix: str = ""  # text before each caption for the P-Former target ("a photo of " in the video recipe)
 
     @classmethod
     def pick(cls, config):
@@ -367,20 +369,31 @@ class Blip2Stage1(VisualQueries):
     def forward(self, image, captions, image_ids=None, frame_mask=None, neg_generator=None):
         """image: B x 3 x 224 x 224 (or a clip B x T x 3 x H x W, or clip features), captions: B strings.
         image_ids (B ints): which samples show the same image (see positives). `neg_generator` (same seed on every
-        rank) makes the ITM negatives independent of the number of ranks. Returns the losses as a dict."""
-        ids, mask = self.tokenize(captions, image.device)
+        rank) makes the ITM negatives independent of the number of ranks. Returns the losses as a dict: the
+        config's stage1_losses (ITC, ITM, ITG) and, with a P-Former, the alignment."""
         image_embeds, image_mask = self.image_embeds(image, frame_mask)  # B x N x W
         Z, query_kvs = self.qformer.encode_queries(image_embeds, image_mask)  # B x Q x D, each layer's query (k, v)
-        img, txt = self.image_feats(Z), self.text_feats(ids, mask)  # B x Q x 256, B x 256
-        positives = self.positives(image_ids, B=len(captions), device=image.device)  # B x (B * world)
-        itc, sim_i2t, sim_t2i = self.itc_loss(img, txt, positives)
-        itm = self.itm_loss(image_embeds, image_mask, ids, mask, sim_i2t, sim_t2i, positives, neg_generator)
-        itg = self.itg_loss(ids, mask, query_kvs)
-        losses = dict(loss=itc + itm + itg, itc=itc, itm=itm, itg=itg)
+        losses, wanted = {}, set(self.config.stage1_losses)
+        if wanted - {"itc", "itm", "itg"}:
+            raise ValueError(f"stage1_losses={self.config.stage1_losses}: the losses are itc, itm and itg")
+        if wanted:
+            ids, mask = self.tokenize(captions, image.device)
+        if wanted & {"itc", "itm"}:  # ITM draws its negatives from the ITC similarities
+            img, txt = self.image_feats(Z), self.text_feats(ids, mask)  # B x Q x 256, B x 256
+            positives = self.positives(image_ids, B=len(captions), device=image.device)  # B x (B * world)
+            itc, sim_i2t, sim_t2i = self.itc_loss(img, txt, positives)
+            losses.update({"itc": itc} if "itc" in wanted else {})
+            if "itm" in wanted:
+                losses["itm"] = self.itm_loss(image_embeds, image_mask, ids, mask, sim_i2t, sim_t2i, positives,
+                                              neg_generator)
+        if "itg" in wanted:
+            losses["itg"] = self.itg_loss(ids, mask, query_kvs)
         if self.pformer is not None:
-            losses["align"] = self.pformer.align_loss(self.llm_proj(Z), captions)
-            losses["loss"] = losses["loss"] + self.config.align_weight * losses["align"]
-        return losses
+            losses["align"] = self.pformer.align_loss(self.llm_proj(Z), captions, self.config.align_prefix)
+        if not losses:
+            raise ValueError("stage 1 has nothing to train: stage1_losses is empty and there is no P-Former")
+        weights = {"align": self.config.align_weight}
+        return {"loss": sum(weights.get(k, 1.0) * v for k, v in losses.items()), **losses}
 
     def positives(self, image_ids, B, device):
         """B x (B * world) boolean: which samples of the global batch show this rank's images. Without image ids,
@@ -491,7 +504,7 @@ class Blip2Stage2(VisualQueries):
         lm = self.llm.lm_loss(prompt, captions)
         if self.pformer is None:
             return dict(loss=lm, lm=lm)
-        align = self.pformer.align_loss(prompt, captions)
+        align = self.pformer.align_loss(prompt, captions, self.config.align_prefix)
         return dict(loss=lm + self.config.align_weight * align, lm=lm, align=align)
 
     @torch.no_grad()
@@ -587,8 +600,8 @@ class FrozenPFormer(Frozen):
     def target(self, captions, device):
         return self.pformer(*self.pformer.tokenize(captions, device))[0]  # B x Q x d_LLM
 
-    def align_loss(self, prompts, captions):
-        return F.mse_loss(prompts.float(), self.target(captions, prompts.device).float())
+    def align_loss(self, prompts, captions, prefix=""):
+        return F.mse_loss(prompts.float(), self.target([prefix + c for c in captions], prompts.device).float())
 
 
 def mask_tokens(ids, mask, mask_token_id, rate, generator=None):
@@ -706,5 +719,7 @@ def from_checkpoint(path, device="cpu", overrides=None):
         weights = {k: v for k, v in weights.items() if not k.startswith("llm_proj.")}
     else:  # the P-Former of a P-Former run was a training-time teacher only: generation never reads it
         model = Blip2Stage2(config)
-    load_weights(model, weights, path, trainable_only=True)
+    # a clip model (num_frames > 1 in overrides) may start from an image checkpoint: its frame embedding stays zero
+    required = [n for n, p in model.named_parameters() if p.requires_grad and n != "frame_embed"]
+    load_weights(model, weights, path, required=required, trainable_only=True)
     return model.to(device).eval()

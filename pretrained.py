@@ -183,7 +183,7 @@ def _load_hf_blip2(src, cls_name, dtype):
 def _load_from_hf(model, hf_model, source):
     """Everything but the LLM (reused as is) and what HF does not keep (ITG head, temperature) must be there."""
     required = {k for k, p in model.named_parameters()
-                if not k.startswith(("llm.", "itg_head.")) and k != "temp"}
+                if not k.startswith(("llm.", "itg_head.")) and k not in ("temp", "frame_embed")}
     load_weights(model, hf_to_ours(hf_model.state_dict(), source), source, required=required)
     return model
 

@@ -10,7 +10,7 @@ import sys
 
 import train_common as tc
 from configurator import apply_overrides, config_snapshot
-from data import eval_transform, image_text_loader, train_transform
+from data import image_text_loader
 from distributed import cleanup_distributed, setup_distributed
 from model import Blip2Config, Blip2Stage2, PFormer, read_checkpoint
 
@@ -39,9 +39,14 @@ strict_images = False
 num_workers = 8
 augment = True  # BLIP-2's random crop + flip; False: the evaluation resize (scenes whose captions name positions)
 cache_vit_features = False  # with augment=False: the frozen ViT runs once per image, its output kept in memory
+# clips (the P-Former paper shows the method on video): the annotation files or shards hold videos, the roots too
+video = False  # True: LAVIS video captions (MSRVTT / MSVD / VATEX / WebVid), or tar shards of key.mp4 + key.txt
+num_frames = 1  # frames per clip (feature segments with feature_dim); > 1 adds a learned frame embedding
+feature_dim = 0  # > 0: pre-extracted clip features (root/name.npy, S x feature_dim) read instead of videos
 # P-Former alignment (P-Former paper, section 3): a stage-0 checkpoint of train_pformer.py; "" = plain BLIP-2
 pformer_ckpt = ""
 align_weight = 100.0  # the paper's weight in stage 2
+align_prefix = ""  # text before each caption for the P-Former's target (the video recipe: "a photo of ")
 # model (the names of model.Blip2Config; the Q-Former sizes must match stage 1's)
 vit_model = "eva_giant_patch14_clip_224"
 vit_layers = 39
@@ -103,16 +108,17 @@ if dist_info.master:
 
 if cache_vit_features and augment:
     raise ValueError("cache_vit_features=True needs augment=False: augmented images differ at every epoch")
-train_tf = train_transform(image_size) if augment else eval_transform(image_size)
 encode = (lambda images: model.visual(images.to(dist_info.device))) if cache_vit_features else None
-train_loader = image_text_loader(train_ann, train_image_roots, train_shards, train_tf, batch_size, num_workers, seed,
-                                 strict_images, encode=encode)
-val_loader = image_text_loader(val_ann, val_image_roots, "", eval_transform(image_size), batch_size, num_workers,
-                               seed, strict_images, validation=True) if val_ann else None
+media = dict(video=video or feature_dim > 0, num_frames=num_frames, feature_dim=feature_dim)
+train_loader = image_text_loader(train_ann, train_image_roots, train_shards, batch_size, num_workers, image_size,
+                                 augment=augment, seed=seed, strict=strict_images, encode=encode, **media)
+val_loader = image_text_loader(val_ann, val_image_roots, "", batch_size, num_workers, image_size, train=False,
+                               seed=seed, strict=strict_images, **media) if val_ann else None
 
 
 def loss_fn(model, batch):
-    return model(batch["image"].to(dist_info.device, non_blocking=True), batch["text"])
+    frame_mask = batch["frame_mask"].to(dist_info.device, non_blocking=True) if "frame_mask" in batch else None
+    return model(batch["image"].to(dist_info.device, non_blocking=True), batch["text"], frame_mask=frame_mask)
 
 
 tc.train(model=model, loss_fn=loss_fn, loader=train_loader, val_loader=val_loader, cfg=config, dist_info=dist_info,

@@ -6,10 +6,11 @@ reads (LAVIS annotation files, a webdataset tar shard, text corpora), and tiny b
 formats (a Hugging Face BERT directory, a Hugging Face OPT directory, a timm state dict), so that the small runs go
 through the very loading code of bert-base-uncased, OPT-2.7b and EVA ViT-g.
 
-Two sizes:
+Three worlds:
     python world.py                  # the tiny world in data/world, for the tests and config/*_tiny.py (seconds);
                                      # its backbones are nearly random: every code path runs, nothing is learned well
     python world.py --quickstart     # the quick start's world in data/quickstart (a few minutes on 2 cores)
+    python world.py --video          # the video world in data/video: clips of a moving shape (a minute)
 
 The quick start's world is the one that learns: 2000 image-caption pairs, 100 held-out test scenes with questions,
 and a text-only corpus of 20000 more scenes (language plentiful, pairs scarce, as in the P-Former paper). Its LLM is
@@ -85,14 +86,14 @@ def qa_sentence(question, answer):
     return VQA_TEMPLATE.format(question) + " " + answer
 
 
-def render_scene(scene, size=48, offset=(0.0, 0.0)):
+def render_scene(scene, size=48):
     """The scene on a grey background, rows centred at 1/4, 1/2, 3/4 of the height (inside the training crops);
-    offset (dx, dy) moves every object by that fraction of the image (the video world's motion)."""
+    an object with a "y" (a fraction of the height) is drawn there instead of in its row (the video world)."""
     image = Image.new("RGB", (size, size), (128, 128, 128))
     draw = ImageDraw.Draw(image)
     for o in scene:
         half = (0.12 if o["size"] == "big" else 0.07) * size
-        cx, cy = (o["x"] + offset[0]) * size, (0.25 + 0.25 * o["row"] + offset[1]) * size
+        cx, cy = o["x"] * size, o.get("y", 0.25 + 0.25 * o.get("row", 1)) * size
         box = (cx - half, cy - half, cx + half, cy + half)
         color = COLORS[o["color"]]
         if o["shape"] == "square":
@@ -216,16 +217,18 @@ def bpe_tokenizer(directory, texts, vocab_size=400):
 # pretraining the backbones on the world
 
 
-def llm_pages(scenes, rng, questions=True):
+def llm_pages(scenes, rng, questions=True, captions_of=None, questions_of=None):
     """The LLM's pretraining text, as OPT's: pages of documents, each document "</s>" + a sentence + "\\n", all the
-    documents of a page about one scene (its captions and, with `questions`, questions about it answered in the VQA
-    template). So the LLM learns that a document can speak of what the one before it described: the place where
-    BLIP-2 puts its soft prompt, in front of BOS."""
+    documents of a page about one scene (one or two of its captions and, with `questions`, two questions about it
+    answered in the VQA template, in any order after the first caption). So the LLM learns that a document can speak
+    of what the one before it described: the place where BLIP-2 puts its soft prompt, in front of BOS. captions_of
+    and questions_of: the world's (scene_captions and scene_questions by default; the video world's clips)."""
+    captions_of, questions_of = captions_of or scene_captions, questions_of or scene_questions
     pages = []
     for s in scenes:
-        docs = rng.sample(scene_captions(s), rng.randint(1, 2))
+        docs = rng.sample(captions_of(s), rng.randint(1, 2))
         if questions:
-            docs += [qa_sentence(q, a) for q, a, _ in rng.sample(scene_questions(s), min(2, len(scene_questions(s))))]
+            docs += [qa_sentence(q, a) for q, a, _ in rng.sample(questions_of(s), min(2, len(questions_of(s))))]
             docs = docs[:1] + rng.sample(docs[1:], len(docs) - 1)  # a caption first, then the rest in any order
         pages.append(docs)
     return pages
@@ -256,23 +259,26 @@ def pretrain_llm(llm, tok, pages, steps, batch_size=64, lr=2e-3, seed=0, desc="L
     return llm.eval(), loss.item()
 
 
-def scene_targets(scene):
-    """What the ViT learns to name, per row: colour (5 + none), shape (3 + none), size (2 + none)."""
+def scene_example(rng, size):
+    """A still scene and what the ViT learns to name in it, per row: colour (5 + none), shape (3 + none), size (2 +
+    none). Returns (image, targets, classes per target)."""
+    scene = random_scene(rng)
     t = [len(COLORS), len(SHAPES), len(SIZES)] * 3  # "none" = the last class
     for o in scene:
         t[3 * o["row"]:3 * o["row"] + 3] = [list(COLORS).index(o["color"]), SHAPES.index(o["shape"]),
                                             SIZES.index(o["size"])]
-    return t
+    return render_scene(scene, size), t, [len(COLORS) + 1, len(SHAPES) + 1, len(SIZES) + 1] * 3
 
 
-def pretrain_vit(vit, image_size, steps, batch_size=64, lr=2e-3, seed=0):
-    """Supervised pretraining of the ViT on freshly rendered scenes: from the mean of its output tokens, name the
-    colour, shape and size in each row (9 cross-entropies). Every batch is new scenes, so no augmentation: a random
-    crop would move the rows that the labels name (400 steps reach about 94% per attribute, 800 about 100%)."""
+def pretrain_vit(vit, image_size, steps, example=scene_example, batch_size=64, lr=2e-3, seed=0):
+    """Supervised pretraining of the ViT on freshly rendered images, as EVA was pretrained before BLIP-2 froze it: from
+    the mean of its output tokens, name what `example` says is in the image (a cross-entropy per target). Every batch
+    is new images, so no augmentation: a random crop would move what the labels name (the quick start's scenes: 400
+    steps reach about 94% per attribute, 800 about 100%)."""
     from data import eval_transform
 
     rng = random.Random(seed + 1)
-    classes = [len(COLORS) + 1, len(SHAPES) + 1, len(SIZES) + 1] * 3
+    classes = example(random.Random(0), image_size)[2]
     head = torch.nn.Linear(vit.num_features, sum(classes))
     opt = torch.optim.AdamW(list(vit.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
@@ -280,9 +286,8 @@ def pretrain_vit(vit, image_size, steps, batch_size=64, lr=2e-3, seed=0):
     vit.train()
     progress = tqdm(range(steps), desc="ViT pretraining", mininterval=5, file=sys.stdout)
     for _ in progress:
-        scenes = [random_scene(rng) for _ in range(batch_size)]
-        x = torch.stack([tf(render_scene(s, image_size)) for s in scenes])
-        y = torch.tensor([scene_targets(s) for s in scenes])
+        images, targets, _ = zip(*(example(rng, image_size) for _ in range(batch_size)))
+        x, y = torch.stack([tf(im) for im in images]), torch.tensor(targets)
         logits = head(vit.forward_features(x).mean(1)).split(classes, dim=1)
         loss = sum(torch.nn.functional.cross_entropy(z, y[:, k]) for k, z in enumerate(logits)) / len(classes)
         opt.zero_grad()
@@ -295,14 +300,14 @@ def pretrain_vit(vit, image_size, steps, batch_size=64, lr=2e-3, seed=0):
 
 
 def write_backbones(out, texts, pages, bert_width, bert_layers, llm_width, llm_layers, llm_steps, vit_kwargs,
-                    image_size, vit_steps=0, seed=0):
+                    image_size, vit_steps=0, seed=0, words=WORDS, example=scene_example):
     """bert/ (BertForMaskedLM + tokenizer), llm/ (an OPTForCausalLM pretrained on `pages`, its BPE tokenizer learned
     from `texts`), vit.pth (a timm EVA state dict, pretrained on scenes for vit_steps). Returns the final losses."""
     import timm
     from transformers import BertConfig, BertForMaskedLM, OPTConfig, OPTForCausalLM
 
     torch.manual_seed(seed)
-    tok = bert_tokenizer(os.path.join(out, "bert"))
+    tok = bert_tokenizer(os.path.join(out, "bert"), words)
     BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=bert_width, num_hidden_layers=bert_layers,
                                num_attention_heads=4, intermediate_size=2 * bert_width)).save_pretrained(
         os.path.join(out, "bert"))
@@ -315,7 +320,7 @@ def write_backbones(out, texts, pages, bert_width, bert_layers, llm_width, llm_l
     llm.save_pretrained(os.path.join(out, "llm"))
     vit = timm.create_model("eva_giant_patch14_clip_224", pretrained=False, num_classes=0, img_size=image_size,
                             **vit_kwargs)
-    vit_loss = pretrain_vit(vit, image_size, vit_steps, seed=seed)[1] if vit_steps else None
+    vit_loss = pretrain_vit(vit, image_size, vit_steps, example, seed=seed)[1] if vit_steps else None
     torch.save(vit.state_dict(), os.path.join(out, "vit.pth"))
     return llm_loss, vit_loss
 
@@ -353,15 +358,27 @@ def quickstart_vit_kwargs(cfg):
     return dict(patch_size=8, embed_dim=cfg["vit_width"], depth=cfg["vit_depth"], num_heads=4, mlp_ratio=2.0)
 
 
-def build_quickstart_world(out="data/quickstart", **overrides):
-    """The quick start's world under `out`, built once: a second call with the same settings returns at once."""
-    cfg = {**QUICKSTART_WORLD, **overrides}
+def built_already(out, cfg, name):
+    """Whether `out` holds a world built with exactly these settings (its world.json, written last)."""
     done = os.path.join(out, "world.json")
     if os.path.isfile(done):
         with open(done) as f:
             if json.load(f).get("config") == cfg:
-                print(f"world: reusing {out} (delete it to rebuild)")
-                return cfg
+                print(f"{name}: reusing {out} (delete it to rebuild)")
+                return True
+    return False
+
+
+def record_build(out, cfg, **facts):
+    with open(os.path.join(out, "world.json"), "w") as f:
+        json.dump({"config": cfg, **facts}, f, indent=1)
+
+
+def build_quickstart_world(out="data/quickstart", **overrides):
+    """The quick start's world under `out`, built once: a second call with the same settings returns at once."""
+    cfg = {**QUICKSTART_WORLD, **overrides}
+    if built_already(out, cfg, "world"):
+        return cfg
     t0 = time.time()
     rng = write_scenes(out, cfg["n_train"], cfg["n_test"], cfg["image_size"], cfg["seed"])
     text_scenes = [random_scene(rng) for _ in range(cfg["n_text"])]
@@ -377,14 +394,147 @@ def build_quickstart_world(out="data/quickstart", **overrides):
         image_size=cfg["image_size"], vit_steps=cfg["vit_steps"], seed=cfg["seed"])
     seconds = time.time() - t0
     print(f"world: LLM pretrained ({llm_loss:.3f}), ViT pretrained ({vit_loss:.3f}), {seconds:.0f}s in all")
-    with open(done, "w") as f:
-        json.dump({"config": cfg, "seconds": seconds, "llm_loss": llm_loss, "vit_loss": vit_loss}, f, indent=1)
+    record_build(out, cfg, seconds=seconds, llm_loss=llm_loss, vit_loss=vit_loss)
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# the video world: clips whose caption needs more than one frame
+
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0)}
+VIDEO_WORDS = WORDS + "moves moving left right up down which way does that there".split()
+
+
+def random_clip(rng):
+    """One object that moves (colour, shape, size, direction) from a start drawn alike for every direction, so that
+    the first frame (the one a single-frame model sees) tells nothing of the direction, and half the time a still
+    object of another colour in a corner."""
+    color, still = rng.sample(list(COLORS), 2)
+    mover = dict(color=color, shape=rng.choice(SHAPES), size=rng.choice(SIZES), direction=rng.choice(list(DIRECTIONS)),
+                 x0=rng.uniform(0.3, 0.7), y0=rng.uniform(0.3, 0.7))
+    others = [dict(color=still, shape=rng.choice(SHAPES), size="small", x=rng.choice([0.15, 0.85]),
+                   y=rng.choice([0.15, 0.85]))] if rng.random() < 0.5 else []
+    return dict(mover=mover, still=others)
+
+
+def clip_captions(clip):
+    m = clip["mover"]
+    return [f"a {m['size']} {m['color']} {m['shape']} moves {m['direction']}",
+            f"there is a {m['size']} {m['color']} {m['shape']} moving {m['direction']}"]
+
+
+def clip_questions(clip):
+    """(question, answer, type): the direction needs two frames or more; colour, shape and count need one."""
+    m = clip["mover"]
+    return [(f"which way does the {m['color']} {m['shape']} move?", m["direction"], "direction"),
+            ("what color is the shape that moves?", m["color"], "color"),
+            (f"what shape moves {m['direction']}?", m["shape"], "shape"),
+            ("how many shapes are there?", COUNTS[len(clip["still"])], "count")]
+
+
+def render_clip(clip, n_frames, size, positions=False):
+    """The clip's frames: the mover goes 0.4 of the frame along its direction, the still object stays. With
+    `positions`, each frame comes as {"image", "mover": the mover where it is drawn}."""
+    m, (dx, dy) = clip["mover"], DIRECTIONS[clip["mover"]["direction"]]
+    frames = []
+    for t in range(n_frames):
+        f = 0.4 * t / (n_frames - 1)  # 0 .. 0.4 along the path
+        mover = dict(m, x=m["x0"] + f * dx, y=m["y0"] + f * dy)
+        image = render_scene(clip["still"] + [mover], size)
+        frames.append({"image": image, "mover": mover} if positions else image)
+    return frames
+
+
+def frame_example(rng, size):
+    """A single frame of a random clip and what the ViT learns to name in it: the mover's colour, shape and size, and
+    which third of the frame it is in, across and down. One frame only: the ViT never sees motion."""
+    clip = random_clip(rng)
+    frame = rng.choice(render_clip(clip, 8, size, positions=True))
+    m = frame["mover"]
+    third = lambda v: min(2, int(v * 3))  # noqa: E731
+    return frame["image"], [list(COLORS).index(m["color"]), SHAPES.index(m["shape"]), SIZES.index(m["size"]),
+                            third(m["x"]), third(m["y"])], [len(COLORS), len(SHAPES), len(SIZES), 3, 3]
+
+
+def write_video(path_or_file, frames, fps=8):
+    """An H.264 mp4 of PIL frames, written with PyAV (its wheel carries FFmpeg)."""
+    import av
+    import numpy as np
+
+    with av.open(path_or_file, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames[0].width, frames[0].height, "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.asarray(frame), format="rgb24")))
+        container.mux(stream.encode())  # flush
+
+
+def write_clips(out, n_train, n_test, n_text, n_frames=8, size=32, seed=0):
+    """Clips under out/videos with train.json (LAVIS video captions), test_captions.json, test_qa.json (MSRVTT-QA's
+    format: {video, question, answer, question_id}), the training pairs as a tar shard (key.mp4 + key.txt), and a
+    text corpus of n_text more clips (corpus_captions.txt, corpus_qa.txt). Returns the text-only clips."""
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(out, "videos"), exist_ok=True)
+    splits, qa = {"train": [], "test": []}, []
+    for i in tqdm(range(n_train + n_test), desc="clips", mininterval=5, file=sys.stdout):
+        split, clip = "train" if i < n_train else "test", random_clip(rng)
+        name = f"{split}_{i:05d}.mp4"
+        write_video(os.path.join(out, "videos", name), render_clip(clip, n_frames, size))
+        splits[split].append({"video": name, "caption": clip_captions(clip), "clip": clip})
+        if split == "test":
+            qa += [{"video": name, "question": q, "answer": a, "answer_type": t, "question_id": len(qa) + k}
+                   for k, (q, a, t) in enumerate(clip_questions(clip))]
+    for name, obj in (("train.json", splits["train"]), ("test_captions.json", splits["test"]), ("test_qa.json", qa)):
+        with open(os.path.join(out, name), "w") as f:
+            json.dump(obj, f)
+    os.makedirs(os.path.join(out, "shards"), exist_ok=True)
+    with tarfile.open(os.path.join(out, "shards", "train-000.tar"), "w") as tar:
+        for a in splits["train"]:
+            key = os.path.splitext(a["video"])[0]
+            tar.add(os.path.join(out, "videos", a["video"]), arcname=a["video"])
+            info, data = tarfile.TarInfo(key + ".txt"), a["caption"][0].encode()
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    text = [random_clip(rng) for _ in range(n_text)]
+    with open(os.path.join(out, "corpus_captions.txt"), "w") as f:
+        f.writelines(c + "\n" for clip in text for c in clip_captions(clip))
+    with open(os.path.join(out, "corpus_qa.txt"), "w") as f:
+        f.writelines(qa_sentence(q, a) + "\n" for clip in text for q, a, _ in clip_questions(clip))
+    return text
+
+
+VIDEO_WORLD = dict(n_train=3000, n_test=100, n_text=3000, n_frames=8, image_size=48, llm_width=64, llm_layers=2,
+                   llm_steps=1500, vit_steps=300, seed=0)
+
+
+def build_video_world(out="data/video", **overrides):
+    """The video world under `out`, built once: clips, a BERT and an OPT that read its text (pages: a clip's
+    caption, then questions about it), and a ViT (TINY_VIT's shape) pretrained on single frames to name the moving
+    object and where it is: what a frozen image encoder knows, and nothing about motion."""
+    cfg = {**VIDEO_WORLD, **overrides}
+    if built_already(out, cfg, "video world"):
+        return cfg
+    t0 = time.time()
+    text = write_clips(out, cfg["n_train"], cfg["n_test"], cfg["n_text"], cfg["n_frames"], cfg["image_size"],
+                       cfg["seed"])
+    pages = llm_pages(text, random.Random(cfg["seed"]), captions_of=clip_captions, questions_of=clip_questions)
+    with open(os.path.join(out, "corpus_captions.txt")) as f, open(os.path.join(out, "corpus_qa.txt")) as g:
+        corpus = f.read().splitlines() + g.read().splitlines()
+    llm_loss, vit_loss = write_backbones(
+        out, corpus, pages, bert_width=64, bert_layers=2, llm_width=cfg["llm_width"], llm_layers=cfg["llm_layers"],
+        llm_steps=cfg["llm_steps"], vit_kwargs=TINY_VIT, image_size=cfg["image_size"], vit_steps=cfg["vit_steps"],
+        seed=cfg["seed"], words=VIDEO_WORDS, example=frame_example)
+    seconds = time.time() - t0
+    print(f"video world: {cfg['n_train']} training and {cfg['n_test']} test clips, LLM {llm_loss:.3f}, ViT "
+          f"{vit_loss:.3f}, {seconds:.0f}s")
+    record_build(out, cfg, seconds=seconds, llm_loss=llm_loss, vit_loss=vit_loss)
     return cfg
 
 
 if __name__ == "__main__":
-    kwargs, quick = {}, "--quickstart" in sys.argv
-    for arg in [a for a in sys.argv[1:] if a != "--quickstart"]:
+    kwargs, kind = {}, next((a for a in sys.argv[1:] if a in ("--quickstart", "--video")), "")
+    for arg in [a for a in sys.argv[1:] if a != kind]:
         key, _, value = arg.lstrip("-").partition("=")
         kwargs[key] = value if key == "out" else int(value)
-    build_quickstart_world(**kwargs) if quick else build_tiny_world(**kwargs)
+    build = {"--quickstart": build_quickstart_world, "--video": build_video_world}.get(kind, build_tiny_world)
+    build(**kwargs)

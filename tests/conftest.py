@@ -16,3 +16,24 @@ def tiny_world(tmp_path_factory):
     import world
 
     return world.build_tiny_world(str(tmp_path_factory.mktemp("world")), n_train=32, n_val=8)
+
+
+@pytest.fixture
+def quickstart_in_process(monkeypatch):
+    """quickstart.run runs each step inside this process (tests/scripts.py) with the arguments the quick start gives
+    it: a new interpreter for each would cost more than the steps themselves at the tests' sizes. Yields the names
+    of the steps run."""
+    import time
+
+    import quickstart
+    from scripts import run_script
+
+    steps = []
+
+    def run(name, cmd, timings):
+        steps.append(name)
+        t0 = time.time()
+        print(run_script(cmd[0], *cmd[1:], timeout=600).stdout)  # as the subprocess would echo it
+        timings[name] = timings.get(name, 0.0) + time.time() - t0
+    monkeypatch.setattr(quickstart, "run", run)
+    return steps

@@ -7,18 +7,12 @@ from transformers import BertForMaskedLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 import tiny
+from tiny import close
 from backbones import FrozenLLM, FrozenViT, split_captions
 from model import Blip2Stage1, compile_blocks, sample_negatives
 from pretrained import blip2_stage1_from_hf, blip2_stage2_from_hf, init_from_bert
 
-TOL = 1e-5
 CAPTIONS = ["a red square", "two blue stars", "the big circle", "a small green triangle"]
-
-
-def close(a, b, tol=TOL):
-    assert a.shape == b.shape, (a.shape, b.shape)
-    err = (a - b).abs().max().item()
-    assert err <= tol, err
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,13 @@ HIDDEN = 64
 INIT_STD = 0.3  # an expressive random LLM, so that a soft prompt can steer it in overfitting tests
 
 
+def close(a, b, tol=1e-5):
+    """a equals b in shape and to tol, elementwise."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    err = (a - b).abs().max().item()
+    assert err <= tol, err
+
+
 def perturb(model, std=0.02, seed=0):
     """Random offsets on every parameter, so that LayerNorms, biases and zero-initialised tensors differ
     from their defaults and a swapped or skipped weight shows up in the outputs."""
