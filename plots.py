@@ -70,14 +70,14 @@ def metric_vs_pairs(results, metrics, path, reference=None):
             mean = [sum(v) / len(v) for v in values]
             ax.plot(ns, mean, "o-", color=color, label=f"{arm} (mean of {len(values[0])} seeds)")
             ax.fill_between(ns, [min(v) for v in values], [max(v) for v in values], color=color, alpha=0.2)
-        for ref_label, value in (reference or {}).get(key, []):
-            ax.axhline(value, color="black", linestyle=":", linewidth=1)
-            ax.annotate(ref_label, (ax.get_xlim()[0], value), fontsize=7, va="bottom")
         ax.set_xscale("log")
+        for ref_label, value in (reference or {}).get(key, []):  # labelled at the left edge, whatever the x range
+            ax.axhline(value, color="black", linestyle=":", linewidth=1)
+            ax.text(0.02, value, ref_label, transform=ax.get_yaxis_transform(), fontsize=7, va="bottom")
         ax.set_xlabel("image-text pairs in stages 1 and 2")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", ncol=len(results), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))  # room for the legend above the panels
     fig.savefig(path, dpi=110)
     plt.close(fig)

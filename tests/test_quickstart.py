@@ -4,12 +4,8 @@ a second run reuses everything. The steps run in this process (tests/scripts.py)
 start gives them: a new interpreter for each would cost more than the steps themselves at this size."""
 
 import json
-import time
-
-import pytest
 
 import quickstart
-from scripts import run_script
 
 
 def losses(path):
@@ -17,20 +13,7 @@ def losses(path):
         return [r["loss"] for r in map(json.loads, f) if "loss" in r]
 
 
-@pytest.fixture
-def in_process(monkeypatch):
-    steps = []
-
-    def run(name, cmd, timings):
-        steps.append(name)
-        t0 = time.time()
-        print(run_script(cmd[0], *cmd[1:]).stdout)  # as the subprocess would echo it
-        timings[name] = timings.get(name, 0.0) + time.time() - t0
-    monkeypatch.setattr(quickstart, "run", run)
-    return steps
-
-
-def test_quickstart_small(tmp_path, in_process, capsys):
+def test_quickstart_small(tmp_path, quickstart_in_process, capsys):
     quickstart.main("small", data=str(tmp_path / "data"), out=str(tmp_path / "out"))
     out = capsys.readouterr().out
     assert "zero-shot VQA accuracy" in out and "caption CIDEr" in out
@@ -51,7 +34,7 @@ def test_quickstart_small(tmp_path, in_process, capsys):
     for f in ["results.md", "results.json", "samples.png", "losses.png"]:
         assert (o / f).stat().st_size > 0
     # a second run reuses the world, the checkpoints and the evaluations
-    in_process.clear()
+    quickstart_in_process.clear()
     quickstart.main("small", data=str(tmp_path / "data"), out=str(tmp_path / "out"))
     again = capsys.readouterr().out
-    assert in_process == ["world + backbones"] and "reusing" in again and again.count("done already") == 5
+    assert quickstart_in_process == ["world + backbones"] and "reusing" in again and again.count("done already") == 5

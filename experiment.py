@@ -1,0 +1,376 @@
+"""
+P-Former's central claim, measured in the quick start's world: aligning the Q-Former to a P-Former trained on text
+alone helps most when image-text pairs are scarce. Plain BLIP-2 and BLIP-2 + P-Former are trained on the first N
+paired scenes for several N, with the same P-Former, the same steps and the same seeds (the scripts' --seed), and
+evaluated zero-shot (VQA accuracy, caption CIDEr) on the world's 100 held-out test scenes.
+
+    python experiment.py                       # the grid: {out}/test_150-300.md, .json and .png
+    python experiment.py --split=val --n_pairs=[100] --seeds=[0] --stage2=150   # a choice, on validation scenes
+    python experiment.py --diagnose            # what the prompts carry: {out}/diagnosis.md, .json
+    python experiment.py --size=small          # CI size (tests/test_experiment.py)
+    options: --n_pairs=[100,300] --seeds=[0,1] --stage1=150 --stage2=300 --out=DIR --data=DIR --size=full|small
+
+Choices are made on validation scenes, never on the test scenes: the last n_val scenes of train.json are in no
+subset; their captions are every stage's validation loss, and they get questions as the test scenes do
+(--split=val evaluates on them). The one choice tried, stage 2 of 150 or 300 steps (seed 0, N = 100 and 1900, both
+arms), split the metrics (150: mean VQA 51.9 vs 49.7, CIDEr 1.52 vs 1.67), within one seed's noise: the quick
+start's 300 stays, as do its other settings and its world, for both arms alike.
+
+Everything done is reused (the world, the P-Former, every stage that reached its step count, every evaluation newer
+than its checkpoint); an interrupted stage resumes. Run it with OMP_NUM_THREADS=1 on a shared 2-core machine: two
+2-thread jobs on 2 cores spend their time spinning (a stage ran 5 to 10 times slower).
+"""
+import ast
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+from PIL import Image
+
+import metrics as M
+import plots
+import quickstart
+import world
+from backbones import FrozenLLM
+from data import eval_transform
+from eval import VQA_PROMPT
+from model import PFormer, from_checkpoint, nearest_embeddings, read_checkpoint
+
+SIZES = {  # the world, validation scenes, grid, steps per stage, arguments of every stage, caption scorers
+    "full": dict(world={}, n_val=100, n_pairs=[100, 300, 1000, 1900], seeds=[0, 1, 2], pformer=300, stage1=150,
+                 stage2=300, args=["--log_interval=20", "--eval_interval=50"], scorers="['BLEU','CIDEr']",
+                 diag=dict(steps=[100, 1000], text_scenes=[200, 2000], old_llm_steps=750)),
+    "small": dict(world=dict(n_train=40, n_test=8, n_text=300, vit_steps=20, llm_width=64, llm_layers=2,
+                             llm_steps=100),
+                  n_val=8, n_pairs=[16, 32], seeds=[0], pformer=10, stage1=8, stage2=10,
+                  args=["--log_interval=2", "--eval_interval=5", "--batch_size=8"],
+                  scorers="['CIDEr']", diag=dict(steps=[5], text_scenes=[50], old_llm_steps=40)),
+}
+ARMS = {"BLIP-2": "blip2", "BLIP-2 + P-Former": "blip2_pformer"}
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def write_splits(data, n_pairs, n_val, seed=0):
+    """train_n{N}.json: the first N scenes of train.json (nested subsets); val_captions.json and val_vqa.json: the
+    last n_val scenes, in no subset, with one question of each type they allow (as world.write_scenes asks of the
+    test scenes)."""
+    with open(f"{data}/train.json") as f:
+        train = json.load(f)
+    if max(n_pairs) > len(train) - n_val:
+        raise ValueError(f"N={max(n_pairs)}: train.json holds {len(train)} scenes, {n_val} kept for validation")
+    for n in n_pairs:
+        write_json(f"{data}/train_n{n}.json", train[:n])
+    val, vqa, rng = train[len(train) - n_val:], [], random.Random(seed)
+    for it in val:
+        by_type = {}
+        for q, a, kind in world.scene_questions(it["scene"]):
+            by_type.setdefault(kind, []).append((q, a))
+        for kind, qas in by_type.items():
+            q, a = rng.choice(qas)
+            vqa.append(dict(question_id=len(vqa), image=it["image"], question=q, answer=a, answer_type=kind))
+    write_json(f"{data}/val_captions.json", val)
+    write_json(f"{data}/val_vqa.json", vqa)
+
+
+def pformer(out_dir, steps, data, S, timings, *extra):
+    """P-Former stage 0 on the corpus's captions (config/quickstart_pformer.py), validated on the validation
+    scenes' captions; the checkpoint."""
+    return quickstart.train(f"P-Former {out_dir}", "train_pformer.py", "config/quickstart_pformer.py", out_dir,
+                            steps, data, timings, *S["args"], f"--val_text=['{data}/val_captions.json']", *extra)
+
+
+def blip2(d, n, seed, pformer_ckpt, data, S, timings):
+    """Stages 1 and 2 on the first n scenes (aligned to the P-Former when pformer_ckpt), in d/stage1_{steps} and
+    d/stage2_{steps}-{steps} (a stage 1 serves every stage-2 length); the stage-2 checkpoint."""
+    common = [*S["args"], f"--seed={seed}", f"--train_ann=['{data}/train_n{n}.json']",
+              f"--val_ann=['{data}/val_captions.json']"] + ([f"--pformer_ckpt={pformer_ckpt}"] if pformer_ckpt else [])
+    s1 = quickstart.train(f"{d}: stage 1", "train_stage1.py", "config/quickstart_stage1.py",
+                          f"{d}/stage1_{S['stage1']}", S["stage1"], data, timings, *common)
+    return quickstart.train(f"{d}: stage 2", "train_stage2.py", "config/quickstart_stage2.py", f"{d}/{steps(S)}",
+                            S["stage2"], data, timings, *common, f"--stage1_ckpt={s1}")
+
+
+def steps(S):
+    return f"stage2_{S['stage1']}-{S['stage2']}"
+
+
+def run_dir(out, arm, n, seed):
+    return f"{out}/runs/{ARMS[arm]}_n{n}_seed{seed}"
+
+
+def grid(data, out, S, split, timings):
+    """Every (seed, N, arm) trained and evaluated on `split` (test or val): {arm: {N: {metric: [per seed]}}}."""
+    pf = pformer(f"{out}/pformer", S["pformer"], data, S, timings)
+    results, by_type = {arm: {} for arm in ARMS}, {}
+    for seed in S["seeds"]:  # seeds outermost: an interrupted grid has every N of its first seeds
+        for n in S["n_pairs"]:
+            for arm in ARMS:
+                d = run_dir(out, arm, n, seed)
+                ckpt = blip2(d, n, seed, pf if "P-Former" in arm else "", data, S, timings)
+                vqa, cap = (quickstart.evaluate(f"{d}: {task} ({split})", ckpt, task, f"{split}_{ann}.json",
+                                                f"{d}/eval_{split}_{steps(S)}", data, timings, S["scorers"])
+                            for task, ann in [("vqa", "vqa"), ("caption", "captions")])
+                r = results[arm].setdefault(n, {"vqa": [], "cider": []})
+                r["vqa"].append(vqa["overall"])
+                r["cider"].append(cap["CIDEr"])
+                by_type[f"{arm} N={n} seed={seed}"] = vqa
+    return results, by_type
+
+
+def stats(v):
+    m = sum(v) / len(v)
+    sd = (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+    return m, sd, min(v), max(v)
+
+
+def table(results, digits=(1, 3)):
+    """Markdown: per N and metric, each arm's mean ± sd [min, max] (per-seed values), and the P-Former arm minus the
+    plain arm, seed by seed (the same seed: the same data order and initial weights)."""
+    plain, pf = results["BLIP-2"], results["BLIP-2 + P-Former"]
+    lines = ["| N pairs | metric | BLIP-2: mean ± sd [min, max] (seeds) | BLIP-2 + P-Former | P-Former minus BLIP-2, "
+             "per seed: mean [min, max] |", "|---|---|---|---|---|"]
+    for n in sorted(plain):
+        for key, d in zip(["vqa", "cider"], digits):
+            cells = []
+            for v in (plain[n][key], pf[n][key]):
+                m, sd, lo, hi = stats(v)
+                cells.append(f"{m:.{d}f} ± {sd:.{d}f} [{lo:.{d}f}, {hi:.{d}f}] ({', '.join(f'{x:.{d}f}' for x in v)})")
+            m, _, lo, hi = stats([b - a for a, b in zip(plain[n][key], pf[n][key])])
+            lines.append(f"| {n} | {'VQA %' if key == 'vqa' else 'CIDEr'} | {cells[0]} | {cells[1]} | "
+                         f"{m:+.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}] |")
+    return "\n".join(lines)
+
+
+def experiment(data, out, S, split, timings):
+    """The grid, its table (markdown), its numbers (JSON) and its figure (PNG), named {split}_{stage1}-{stage2}."""
+    results, by_type = grid(data, out, S, split, timings)
+    reference = {}
+    if split == "test":  # the blind baselines and the LLM reading the true caption, on the same test questions
+        questions = M.load_vqa_list(f"{data}/test_vqa.json")
+        items = M.load_caption_task("caption", f"{data}/test_captions.json")
+        blind = quickstart.blind_baselines(data, questions, items)
+        oracle = quickstart.true_caption_vqa(data, questions)["overall"]
+        reference = {"vqa": [("LLM reading the true caption", oracle),
+                             ("blind: top answer per question", blind["answer per question"]["overall"])],
+                     "cider": [("blind: most common caption", blind["top caption CIDEr"])]}
+    name = f"{out}/{split}_{S['stage1']}-{S['stage2']}"
+    plots.metric_vs_pairs(results, [("vqa", "zero-shot VQA accuracy (%)"), ("cider", "caption CIDEr")],
+                          f"{name}.png", reference)
+    text = (f"Zero-shot VQA and CIDEr on the {split} scenes, stages of {S['stage1']} and {S['stage2']} steps, seeds "
+            f"{S['seeds']}, the same P-Former ({S['pformer']} steps) for every aligned run.\n\n" + table(results) +
+            "\n\nReferences: " + "; ".join(f"{lab} {v:.3f}" for refs in reference.values() for lab, v in refs))
+    with open(f"{name}.md", "w") as f:
+        f.write(text + "\n")
+    write_json(f"{name}.json", dict(results=results, vqa_by_type=by_type, reference=reference, seconds=timings))
+    print("\n" + text + f"\n\nwrote {name}.md, {name}.json, {name}.png")
+
+# -----------------------------------------------------------------------------
+# the diagnosis: what the frozen LLM reads in each kind of prompt
+
+
+def readout(llm, prompts, mask, items, questions):
+    """What the frozen LLM makes of one prompt per scene (B x Q x d_LLM, mask B x Q or None): zero-shot VQA accuracy
+    with eval.py's generation (beam 5, <= 10 tokens); the greedy continuation after BOS, scored against the scene's
+    captions (CIDEr) and by exact match of its content (the canonical caption, "a picture of" / "there is" removed);
+    the LM loss of the canonical caption after the prompt (nll, per token: what stages 0 and 2 minimise);
+    the mean L2 distance of the prompt vectors to their nearest LLM token embedding, and their mean norm."""
+    row = {it["image"]: i for i, it in enumerate(items)}
+    answers = {}
+    with torch.no_grad():
+        for i in range(0, len(questions), 50):
+            chunk = questions[i:i + 50]
+            rows = [row[q["image"]] for q in chunk]
+            out = llm.generate_tokens(prompts[rows], [VQA_PROMPT.format(M.clean_question(q["question"]))
+                                                      for q in chunk], prompt_mask=None if mask is None else mask[rows],
+                                      num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=0.0)
+            answers.update(zip([q["question_id"] for q in chunk], llm.decode(out)))
+        text = llm.decode(llm.generate_tokens(prompts, "", prompt_mask=mask, num_beams=1, max_new_tokens=30))
+        nll = sum(llm.lm_loss((p if mask is None else p[m.bool()])[None], [world.scene_caption(it["scene"])]).item()
+                  for p, m, it in zip(prompts, prompts[..., 0] if mask is None else mask, items)) / len(items)
+        table = llm.model.get_input_embeddings().weight.float()
+        flat = prompts.float().flatten(0, 1)  # every prompt vector (of a text prompt: the real tokens only)
+        flat = flat if mask is None else flat[mask.flatten().bool()]
+        dist = (flat - table[nearest_embeddings(flat, table)]).norm(dim=1).mean().item()
+    content = [t.removeprefix("a picture of ").removeprefix("there is ") for t in text]
+    exact = sum(c == world.scene_caption(it["scene"]) for c, it in zip(content, items)) / len(items)
+    cider = M.caption_metrics(dict(enumerate(text)), {i: it["caption"] for i, it in enumerate(items)}, ["CIDEr"])
+    return dict(vqa=M.generic_vqa_scores(answers, questions)["overall"], exact=100 * exact, cider=cider["CIDEr"],
+                nll=nll, dist=dist, norm=flat.norm(dim=1).mean().item(),
+                example=f"{items[0]['caption'][0]} -> {text[0]}")
+
+
+def text_prompts(llm, items, old=False, Q=16):
+    """(a) the true caption as text: a document "</s> caption\\n" before the question's own BOS, as in the pages
+    the LLM read (quickstart.true_caption_vqa); old: the caption's tokens in the soft prompt's Q slots, padded with
+    <pad> and attended, as the old LLM read them."""
+    caps = [world.scene_caption(it["scene"]) for it in items]
+    if not old:
+        t = llm.tokenize([c + "\n" for c in caps], padding_side="left")
+        return llm.embed(t.input_ids), t.attention_mask
+    ids = [llm.tokenizer(c, add_special_tokens=False).input_ids for c in caps]
+    L = max(Q, *map(len, ids))
+    return llm.embed(torch.tensor([x + [llm.tokenizer.pad_token_id] * (L - len(x)) for x in ids])), None
+
+
+def pformer_prompts(ckpt, items):
+    """(b) the P-Former's prompt for each scene's true (canonical) caption."""
+    pf = PFormer.from_checkpoint(read_checkpoint(ckpt, expect_stage=0), ckpt).eval()
+    with torch.no_grad():
+        return pf(*pf.tokenize([world.scene_caption(it["scene"]) for it in items], "cpu"))[0]
+
+
+def old_llm(data, out_dir, steps, seed=0, Q=16, batch_size=64, lr=2e-3):
+    """The world's LLM pretrained the old way (docs/CHANGELOG.md, stop 11; world.py before pages): documents
+    (context, text) from the corpus's scenes, the context a scene's caption in the soft prompt's Q slots (before BOS,
+    padded with <pad>, attended), the text another caption or a question answered in the VQA template; one in four
+    without context; the loss on the text only. Same architecture, tokenizer, steps and lr as the world's LLM."""
+    from transformers import AutoConfig, AutoTokenizer, OPTForCausalLM
+
+    if os.path.isfile(f"{out_dir}/config.json"):
+        return out_dir
+    tok, rng, docs = AutoTokenizer.from_pretrained(f"{data}/llm"), random.Random(seed), []
+    torch.manual_seed(seed)
+    llm = OPTForCausalLM(AutoConfig.from_pretrained(f"{data}/llm"))
+    with open(f"{data}/corpus_captions.txt") as f:
+        for canon in f.read().splitlines()[::3]:  # three captions a scene, the canonical one first
+            scene = [dict(zip(["size", "color", "shape"], o.split()[1:])) for o in canon.split(" above ")]
+            qas = rng.sample(world.scene_questions(scene), 2 if len(scene) > 1 else 1)
+            docs += [("", rng.choice(world.scene_captions(scene))), (canon, rng.choice(world.scene_captions(scene)))]
+            docs += [(canon, world.qa_sentence(q, a)) for q, a, _ in qas]
+    pad, nl = tok.pad_token_id, tok("\n", add_special_tokens=False).input_ids
+    contexts, texts = (tok(list(x), add_special_tokens=False).input_ids for x in zip(*docs))
+    enc = [(c + [pad] * (Q - len(c)) if c else c, t + nl) for c, t in zip(contexts, texts)]
+    opt = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    g = torch.Generator().manual_seed(seed)
+    llm.train()
+    for step in range(steps):
+        rows = [enc[i] for i in torch.randint(len(enc), (batch_size,), generator=g).tolist()]
+        ids = torch.full((batch_size, max(len(c) + 1 + len(t) for c, t in rows)), pad)
+        mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+        for b, (c, t) in enumerate(rows):
+            seq = c + [tok.bos_token_id] + t
+            ids[b, :len(seq)], mask[b, :len(seq)] = torch.tensor(seq), 1
+            labels[b, len(c) + 1:len(seq)] = torch.tensor(t)
+        loss = llm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"old-way LLM pretraining step {step}: loss {loss.item():.3f}", flush=True)
+    llm.eval().save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def last_loss(ckpt):
+    """The last logged training losses of the run that wrote ckpt (its log.jsonl)."""
+    with open(f"{os.path.dirname(ckpt)}/log.jsonl") as f:
+        return [r for r in map(json.loads, f) if "loss" in r][-1]
+
+
+def diagnose(data, out, S, timings):
+    """(a) the true caption as text, (b) the P-Former's prompt for it (the grid's P-Former and variants: stage-0
+    steps, no masking, a smaller corpus, an LLM pretrained the old way), (c) the trained Q-Former's prompt (seed 0,
+    the smallest and largest N, both arms): readout() of each on the test scenes. Nothing here chooses anything."""
+    d, D, rows = f"{out}/diagnosis", S["diag"], {}
+    os.makedirs(d, exist_ok=True)
+    with open(f"{data}/test_captions.json") as f:
+        items = json.load(f)
+    questions = M.load_vqa_list(f"{data}/test_vqa.json")
+    llm = FrozenLLM.from_pretrained(f"{data}/llm")
+    rows["(a) true caption as text"] = readout(llm, *text_prompts(llm, items), items, questions)
+    rows["(a) check: quickstart.true_caption_vqa"] = dict(vqa=quickstart.true_caption_vqa(data, questions)["overall"])
+    pf = {f"{S['pformer']} steps (the grid's)": pformer(f"{out}/pformer", S["pformer"], data, S, timings)}
+    for steps in D["steps"]:
+        pf[f"{steps} steps"] = pformer(f"{d}/pformer_steps{steps}", steps, data, S, timings)
+    pf[f"{S['pformer']} steps, mask_rate 0"] = pformer(f"{d}/pformer_mask0", S["pformer"], data, S, timings,
+                                                       "--mask_rate=0.0")
+    with open(f"{data}/corpus_captions.txt") as f:
+        corpus = f.read().splitlines()
+    for k in D["text_scenes"]:  # the corpus's first k scenes (3 captions each), the same steps
+        with open(f"{d}/corpus_{k}.txt", "w") as f:
+            f.writelines(line + "\n" for line in corpus[:3 * k])
+        pf[f"{S['pformer']} steps, corpus of {k} scenes"] = pformer(f"{d}/pformer_text{k}", S["pformer"], data, S,
+                                                                   timings, f"--train_text=['{d}/corpus_{k}.txt']")
+    target = pformer_prompts(pf[f"{S['pformer']} steps (the grid's)"], items)  # what stages 1 and 2 aligned to
+    for name, ckpt in pf.items():
+        rows[f"(b) P-Former, {name}"] = dict(readout(llm, pformer_prompts(ckpt, items), None, items, questions),
+                                             stage0=last_loss(ckpt))
+    for n in (min(S["n_pairs"]), max(S["n_pairs"])):
+        for arm in ARMS:
+            model = from_checkpoint(blip2(run_dir(out, arm, n, S["seeds"][0]), n, S["seeds"][0],
+                                          pf[f"{S['pformer']} steps (the grid's)"] if "P-Former" in arm else "",
+                                          data, S, timings))
+            tf = eval_transform(model.config.image_size)
+            images = torch.stack([tf(Image.open(f"{data}/images/{it['image']}").convert("RGB")) for it in items])
+            with torch.no_grad():
+                soft = model.soft_prompt(images)
+            rows[f"(c) Q-Former of {arm}, N={n}, seed {S['seeds'][0]}"] = dict(
+                readout(model.llm, soft, None, items, questions), mse=(soft - target).square().mean().item())
+    t0 = time.time()
+    old = FrozenLLM.from_pretrained(old_llm(data, f"{d}/llm_old", D["old_llm_steps"]))
+    timings["old-way LLM"] = time.time() - t0
+    rows["(a) old-way LLM: true caption in the soft prompt's slot"] = readout(old, *text_prompts(old, items, True),
+                                                                             items, questions)
+    ckpt = pformer(f"{d}/pformer_old_llm", S["pformer"], data, S, timings, f"--llm_model={d}/llm_old")
+    rows[f"(b) old-way LLM: its P-Former's prompt ({S['pformer']} steps)"] = dict(
+        readout(old, pformer_prompts(ckpt, items), None, items, questions), stage0=last_loss(ckpt))
+    emb = {}
+    for name, m in (("the LLM", llm), ("the old-way LLM", old)):
+        e = m.model.get_input_embeddings().weight.float()
+        dd = torch.cdist(e, e).fill_diagonal_(float("inf"))
+        emb[name] = dict(nearest=dd.min(1).values.mean().item(), pairwise=dd[dd.isfinite()].mean().item(),
+                         norm=e.norm(dim=1).mean().item())
+    keys = ["exact", "cider", "nll", "dist", "norm", "mse"]
+    lines = ["| prompt | VQA % | exact reconstruction % | CIDEr | caption LM loss | dist. to nearest token | norm | "
+             "MSE to the grid's P-Former prompt | stage-0 loss (lm) |", "|---" * 9 + "|"]
+    lines += [f"| {k} | {r['vqa']:.1f} | " + " | ".join(f"{r[x]:.3f}" if x in r else "" for x in keys) + " | " +
+              (f"{r['stage0']['loss']:.3f} ({r['stage0']['lm']:.3f})" if "stage0" in r else "") + " |"
+              for k, r in rows.items()]
+    lines += ["", "Token embeddings: " + "; ".join(f"{k}: mean distance to the nearest other token {v['nearest']:.3f},"
+                                                   f" mean pairwise {v['pairwise']:.3f}, mean norm {v['norm']:.3f}"
+                                                   for k, v in emb.items())]
+    lines += ["", "Greedy continuations (first test scene):"]
+    lines += [f"- {k}: {r['example']}" for k, r in rows.items() if "example" in r]
+    with open(f"{out}/diagnosis.md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    write_json(f"{out}/diagnosis.json", dict(rows=rows, embeddings=emb, seconds=timings))
+    print("\n" + "\n".join(lines))
+
+
+def main(size="full", data="data/experiment", out="out/experiment", split="test", diagnose_only=False, **choices):
+    """The world (built once), the validation split and subsets, then the grid or the diagnosis."""
+    S, timings, t0 = {**SIZES[size], **choices}, {}, time.time()
+    quickstart.run("world + backbones", ["world.py", "--quickstart", f"--out={data}",
+                                         *[f"--{k}={v}" for k, v in S["world"].items()]], timings)
+    os.makedirs(out, exist_ok=True)
+    write_splits(data, S["n_pairs"], S["n_val"])
+    if diagnose_only:
+        diagnose(data, out, S, timings)
+    else:
+        experiment(data, out, S, split, timings)
+    print(f"\n{time.time() - t0:.0f}s in all")
+
+
+if __name__ == "__main__":
+    options = {}
+    for arg in sys.argv[1:]:  # --key=value
+        key, _, value = arg.lstrip("-").partition("=")
+        if key == "diagnose":
+            options["diagnose_only"] = True
+        elif key in ("size", "data", "out", "split"):
+            options[key] = value
+        elif key in ("n_pairs", "seeds", "stage1", "stage2", "pformer"):
+            options[key] = ast.literal_eval(value)
+        else:
+            raise SystemExit(f"unknown option {arg}; see the docstring of experiment.py")
+    main(**options)

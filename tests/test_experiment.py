@@ -1,0 +1,51 @@
+"""experiment.py end to end at its CI size (--size=small: a world of 40 scenes, two values of N, one seed, a few
+steps per stage): it writes the table, the numbers and the figure, every run's logged loss falls, and a second run
+reuses everything. The scripts run in this process (conftest.quickstart_in_process)."""
+import json
+
+import pytest
+import torch
+
+import experiment
+
+
+def losses(path):
+    with open(path) as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread while the test runs: on 2 shared cores, 2-thread OpenMP regions that wait for a busy core
+    spin, and this test took 6 minutes instead of 30 s next to another job."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_experiment_small(tmp_path, quickstart_in_process, one_thread, capsys):
+    S, data, out = experiment.SIZES["small"], tmp_path / "data", tmp_path / "out"
+    experiment.main("small", data=str(data), out=str(out))
+    name = out / f"test_{S['stage1']}-{S['stage2']}"
+    table = name.with_suffix(".md").read_text()
+    assert all(f"| {n} | VQA % |" in table and f"| {n} | CIDEr |" in table for n in S["n_pairs"]), table
+    assert name.with_suffix(".png").stat().st_size > 0
+    results = json.loads(name.with_suffix(".json").read_text())["results"]
+    assert {arm: sorted(map(int, r)) for arm, r in results.items()} == {arm: S["n_pairs"] for arm in experiment.ARMS}
+    assert all(len(v) == len(S["seeds"]) for r in results.values() for m in r.values() for v in m.values())
+    # the validation scenes are in no subset
+    val = {a["image"] for a in json.loads((data / "val_captions.json").read_text())}
+    assert len(val) == S["n_val"]
+    assert not val & {a["image"] for a in json.loads((data / f"train_n{max(S['n_pairs'])}.json").read_text())}
+    logs = sorted(out.rglob("log.jsonl"))
+    assert len(logs) == 1 + 2 * len(S["n_pairs"]) * len(S["seeds"]) * 2  # P-Former, then 2 stages per run
+    for log in logs:
+        loss = losses(log)
+        assert len(loss) > 1 and loss[0] > loss[-1], (log, loss)
+    # a second run reuses the world, every stage and every evaluation
+    capsys.readouterr()
+    quickstart_in_process.clear()
+    experiment.main("small", data=str(data), out=str(out))
+    again = capsys.readouterr().out
+    assert quickstart_in_process == ["world + backbones"] and again.count("done already") == len(logs)
