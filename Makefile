@@ -18,4 +18,4 @@ quickstart: $(VENV)/.installed
 
 .PHONY: test
 test: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=10 tests

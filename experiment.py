@@ -277,6 +277,22 @@ def last_loss(ckpt):
         return [r for r in map(json.loads, f) if "loss" in r][-1]
 
 
+def diagnosis_table(rows, emb):
+    """diagnosis.md's lines: one row per prompt, the token embeddings' spacing, a greedy continuation each."""
+    keys = ["exact", "cider", "nll", "dist", "norm", "mse"]
+    lines = ["| prompt | VQA % | exact reconstruction % | CIDEr | caption LM loss | dist. to nearest token | norm | "
+             "MSE to the grid's P-Former prompt | stage-0 loss (lm) |", "|---" * 9 + "|"]
+    lines += [f"| {k} | {r['vqa']:.1f} | " + " | ".join(f"{r[x]:.3f}" if x in r else "" for x in keys) + " | " +
+              (f"{r['stage0']['loss']:.3f} ({r['stage0']['lm']:.3f})" if "stage0" in r else "") + " |"
+              for k, r in rows.items()]
+    lines += ["", "Token embeddings: " + "; ".join(f"{k}: mean distance to the nearest other token {v['nearest']:.3f},"
+                                                   f" mean pairwise {v['pairwise']:.3f}, mean norm {v['norm']:.3f}"
+                                                   for k, v in emb.items())]
+    lines += ["", "Greedy continuations (first test scene):"]
+    lines += [f"- {k}: {r['example']}" for k, r in rows.items() if "example" in r]
+    return lines
+
+
 def diagnose(data, out, S, timings):
     """(a) the true caption as text, (b) the P-Former's prompt for it (the grid's P-Former and variants: stage-0
     steps, no masking, a smaller corpus, an LLM pretrained the old way), (c) the trained Q-Former's prompt (seed 0,
@@ -330,17 +346,7 @@ def diagnose(data, out, S, timings):
         dd = torch.cdist(e, e).fill_diagonal_(float("inf"))
         emb[name] = dict(nearest=dd.min(1).values.mean().item(), pairwise=dd[dd.isfinite()].mean().item(),
                          norm=e.norm(dim=1).mean().item())
-    keys = ["exact", "cider", "nll", "dist", "norm", "mse"]
-    lines = ["| prompt | VQA % | exact reconstruction % | CIDEr | caption LM loss | dist. to nearest token | norm | "
-             "MSE to the grid's P-Former prompt | stage-0 loss (lm) |", "|---" * 9 + "|"]
-    lines += [f"| {k} | {r['vqa']:.1f} | " + " | ".join(f"{r[x]:.3f}" if x in r else "" for x in keys) + " | " +
-              (f"{r['stage0']['loss']:.3f} ({r['stage0']['lm']:.3f})" if "stage0" in r else "") + " |"
-              for k, r in rows.items()]
-    lines += ["", "Token embeddings: " + "; ".join(f"{k}: mean distance to the nearest other token {v['nearest']:.3f},"
-                                                   f" mean pairwise {v['pairwise']:.3f}, mean norm {v['norm']:.3f}"
-                                                   for k, v in emb.items())]
-    lines += ["", "Greedy continuations (first test scene):"]
-    lines += [f"- {k}: {r['example']}" for k, r in rows.items() if "example" in r]
+    lines = diagnosis_table(rows, emb)
     with open(f"{out}/diagnosis.md", "w") as f:
         f.write("\n".join(lines) + "\n")
     write_json(f"{out}/diagnosis.json", dict(rows=rows, embeddings=emb, seconds=timings))

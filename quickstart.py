@@ -221,7 +221,7 @@ VIDEO_SIZES = {
     # the test's size: half the clips (telling left from right takes about 1500; 600 were too few) and the LLM's
     # steps, stage 2 alone, video QA alone
     "small": dict(world=dict(n_train=1500, n_test=60, llm_steps=800), pformer=60, stage1=0, stage2=600,
-                  log_interval=50, captions=False),
+                  log_interval=10, captions=False),
 }
 
 

@@ -1,6 +1,7 @@
 """experiment.py end to end at its CI size (--size=small: a world of 40 scenes, two values of N, one seed, a few
-steps per stage): it writes the table, the numbers and the figure, every run's logged loss falls, and a second run
-reuses everything. The scripts run in this process (conftest.quickstart_in_process)."""
+steps per stage): it writes the table, the numbers and the figure, every run's logged loss falls, a second run
+reuses everything, and the diagnosis reads out every kind of prompt. The scripts run in this process
+(conftest.quickstart_in_process)."""
 import json
 
 import pytest
@@ -49,3 +50,12 @@ def test_experiment_small(tmp_path, quickstart_in_process, one_thread, capsys):
     experiment.main("small", data=str(data), out=str(out))
     again = capsys.readouterr().out
     assert quickstart_in_process == ["world + backbones"] and again.count("done already") == len(logs)
+    # the diagnosis reuses the grid's P-Former and runs, adds its stage-0 variants and the old-way LLM, and reads
+    # out every kind of prompt: text prompts sit on token embeddings, the others do not
+    experiment.main("small", data=str(data), out=str(out), diagnose_only=True)
+    rows = json.loads((out / "diagnosis.json").read_text())["rows"]
+    assert rows["(a) true caption as text"]["dist"] < 1e-5 and rows["(a) true caption as text"]["vqa"] == \
+        rows["(a) check: quickstart.true_caption_vqa"]["vqa"]
+    assert sum(k.startswith("(b) P-Former") for k in rows) == 4 and sum(k.startswith("(c)") for k in rows) == 4
+    assert all(r["dist"] > 1e-3 for k, r in rows.items() if k.startswith(("(b)", "(c)")))
+    assert "| (b) old-way LLM: its P-Former's prompt" in (out / "diagnosis.md").read_text()
