@@ -332,6 +332,26 @@ class Blip2Stage1(VisualQueries):
             raise ValueError(f"the Q-Former tokenizer has {len(self.tokenizer)} tokens (with [DEC]) but "
                              f"vocab_size={c.vocab_size}")
         self.dec_token_id = self.tokenizer.bos_token_id
+        self._freeze_unused(set(c.stage1_losses))
+
+    def _freeze_unused(self, wanted):
+        """A subset of the losses (stage1_losses) leaves some weights without a gradient; they are frozen, so that
+        the optimizer, the checkpoints and DDP (which expects a gradient for every trainable weight) leave them out.
+        ITM draws its negatives from the ITC similarities, so it needs ITC's projections too."""
+        if wanted - {"itc", "itm", "itg"}:
+            raise ValueError(f"stage1_losses={self.config.stage1_losses}: the losses are itc, itm and itg")
+        if not wanted and self.pformer is None:
+            raise ValueError("stage 1 has nothing to train: stage1_losses is empty and there is no P-Former")
+        unused = [] if wanted & {"itc", "itm"} else [self.vision_proj, self.text_proj, self.temp]
+        unused += [] if "itm" in wanted else [self.itm_head]
+        unused += [] if "itg" in wanted else [self.itg_head]
+        if not wanted & {"itc", "itm"} and self.pformer is None:  # ITG alone reads the queries' keys and values only
+            unused.append(self.qformer.layers[-1].ffn_query)
+        if not wanted:  # the queries alone: no text embeddings, no text feed-forward blocks
+            q = self.qformer
+            unused += [q.word_embeddings, q.position_embeddings, *(layer.ffn_text for layer in q.layers)]
+        for part in unused:
+            part.requires_grad_(False)
 
     # -- features, shared by the losses and by retrieval evaluation
 
@@ -374,8 +394,6 @@ class Blip2Stage1(VisualQueries):
         image_embeds, image_mask = self.image_embeds(image, frame_mask)  # B x N x W
         Z, query_kvs = self.qformer.encode_queries(image_embeds, image_mask)  # B x Q x D, each layer's query (k, v)
         losses, wanted = {}, set(self.config.stage1_losses)
-        if wanted - {"itc", "itm", "itg"}:
-            raise ValueError(f"stage1_losses={self.config.stage1_losses}: the losses are itc, itm and itg")
         if wanted:
             ids, mask = self.tokenize(captions, image.device)
         if wanted & {"itc", "itm"}:  # ITM draws its negatives from the ITC similarities
@@ -390,8 +408,6 @@ class Blip2Stage1(VisualQueries):
             losses["itg"] = self.itg_loss(ids, mask, query_kvs)
         if self.pformer is not None:
             losses["align"] = self.pformer.align_loss(self.llm_proj(Z), captions, self.config.align_prefix)
-        if not losses:
-            raise ValueError("stage 1 has nothing to train: stage1_losses is empty and there is no P-Former")
         weights = {"align": self.config.align_weight}
         return {"loss": sum(weights.get(k, 1.0) * v for k, v in losses.items()), **losses}
 

@@ -125,6 +125,22 @@ def test_stage1_alignment_only_is_the_video_recipe(bert, tmp_path):
         Blip2Stage1(tiny.our_config(bert, stage1_losses=()))(clips(T=1)[:, 0], CAPTIONS)
 
 
+@pytest.mark.parametrize("losses", [(), ("itc",), ("itg",), ("itc", "itm"), ("itc", "itm", "itg")])
+def test_every_trainable_weight_of_a_loss_subset_gets_a_gradient(bert, losses):
+    """What DDP needs (it waits for a gradient of every trainable weight): the weights a subset of the stage-1
+    losses never reaches are frozen, and every other one gets a gradient."""
+    from model import PFormer
+
+    torch.manual_seed(0)
+    pformer = PFormer(tiny.our_config(bert), llm_dim=16) if not losses else None
+    model = Blip2Stage1(tiny.our_config(bert, stage1_losses=losses), pformer=pformer)
+    model(clips(T=1)[:, 0], CAPTIONS)["loss"].backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and trainable == {n for n, p in model.named_parameters() if p.grad is not None}
+    assert ("itg_head.bias" in trainable) == ("itg" in losses)
+    assert ("temp" in trainable) == bool({"itc", "itm"} & set(losses))
+
+
 # ---------------------------------------------------------------- decoding and the datasets
 
 
