@@ -377,6 +377,14 @@ class VideoTextDataset(ImageTextDataset):
         return pad_clip(self.augment(self.transform, i)(frames), self.num_frames)
 
 
+def load_clip_features(path, num_frames):
+    """The first num_frames segments of a video's pre-extracted features: name.npy beside where name.mp4 would be."""
+    features = torch.from_numpy(np.load(os.path.splitext(path)[0] + ".npy", allow_pickle=False)).float()
+    if features.ndim != 2 or not len(features):
+        raise ValueError(f"expected an S x F array of features, got shape {tuple(features.shape)}")
+    return features[:num_frames]
+
+
 class ClipFeatureDataset(ImageTextDataset):
     """Pre-extracted clip features (e.g. I3D, S segments x 1024) in place of videos: for each annotation entry's
     "video" (name.mp4), the array root/name.npy, S x F, cut or zero-padded to num_frames segments with a mask, as
@@ -388,10 +396,7 @@ class ClipFeatureDataset(ImageTextDataset):
         self.num_frames = num_frames
 
     def load(self, path, i):
-        features = torch.from_numpy(np.load(os.path.splitext(path)[0] + ".npy", allow_pickle=False)).float()
-        if features.ndim != 2 or not len(features):
-            raise ValueError(f"expected an S x F array of features, got shape {tuple(features.shape)}")
-        return features[: self.num_frames]
+        return load_clip_features(path, self.num_frames)
 
     def item(self, features, i):
         return pad_clip(features, self.num_frames)

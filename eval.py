@@ -25,9 +25,7 @@ from tqdm import tqdm
 import metrics as M
 import train_common as tc
 from configurator import apply_overrides, config_snapshot
-import numpy as np
-
-from data import ClipTransform, clean_caption, decode_frames, eval_transform, pad_clip
+from data import ClipTransform, clean_caption, decode_frames, eval_transform, load_clip_features, pad_clip
 from distributed import cleanup_distributed, gather_objects, is_master, setup_distributed
 from model import Blip2Stage1, Blip2Stage2, from_checkpoint
 
@@ -165,8 +163,7 @@ class MediaFiles(Dataset):
         path = self.paths[i]
         try:
             if self.features:
-                clip = torch.from_numpy(np.load(os.path.splitext(path)[0] + ".npy", allow_pickle=False)).float()
-                item = pad_clip(clip[: self.num_frames], self.num_frames)
+                item = pad_clip(load_clip_features(path, self.num_frames), self.num_frames)
             elif self.num_frames:
                 item = pad_clip(self.transform(decode_frames(path, self.num_frames, "uniform")), self.num_frames)
             else:

@@ -299,6 +299,11 @@ class VisualQueries(nn.Module):
         mask = None if frame_mask is None else frame_mask.bool().repeat_interleave(N, dim=1)  # B x (T*N)
         return x.flatten(1, 2), mask
 
+    def required_weights(self):
+        """The trainable weights a checkpoint loaded into this model must hold: all but the frame embedding, which an
+        image checkpoint lacks (a clip model started from it keeps its zero frame embedding)."""
+        return {n for n, p in self.named_parameters() if p.requires_grad and n != "frame_embed"}
+
     def query_outputs(self, visual, frame_mask=None):
         """Z: B x Q x D, the 32 query outputs for each image or clip."""
         return self.qformer.encode_queries(*self.image_embeds(visual, frame_mask))[0]
@@ -508,7 +513,7 @@ class Blip2Stage2(VisualQueries):
         if "qformer.query_tokens" not in state_dict:
             raise ValueError(f"{source} is not a stage-1 checkpoint of this model: it lacks qformer.query_tokens")
         load_weights(self, {k: v for k, v in state_dict.items() if k in ours}, source,
-                     required=ours - {"llm_proj.weight", "llm_proj.bias", "frame_embed"})
+                     required=self.required_weights() - {"llm_proj.weight", "llm_proj.bias"})
 
     def soft_prompt(self, image, frame_mask=None):
         """image (or clip) -> llm_proj(Q-Former query outputs): B x Q x d_LLM."""
@@ -735,7 +740,6 @@ def from_checkpoint(path, device="cpu", overrides=None):
         weights = {k: v for k, v in weights.items() if not k.startswith("llm_proj.")}
     else:  # the P-Former of a P-Former run was a training-time teacher only: generation never reads it
         model = Blip2Stage2(config)
-    # a clip model (num_frames > 1 in overrides) may start from an image checkpoint: its frame embedding stays zero
-    required = [n for n, p in model.named_parameters() if p.requires_grad and n != "frame_embed"]
-    load_weights(model, weights, path, required=required, trainable_only=True)
+    # a clip model (num_frames > 1 in overrides) may start from an image checkpoint
+    load_weights(model, weights, path, required=model.required_weights(), trainable_only=True)
     return model.to(device).eval()

@@ -102,9 +102,9 @@ pformer = None
 if pformer_ckpt:  # the frozen teacher of the alignment loss
     pformer = PFormer.from_checkpoint(read_checkpoint(pformer_ckpt, expect_stage=0), pformer_ckpt)
 model = Blip2Stage1(Blip2Config.pick(config), pformer=pformer)
-if init_from == "scratch" and stage1_ckpt:  # its frame embedding (none in an image model) may start at zero
+if init_from == "scratch" and stage1_ckpt:  # e.g. an image model's, for clips
     load_weights(model, read_checkpoint(stage1_ckpt, expect_stage=1)["model"], stage1_ckpt,
-                 required=[n for n, p in model.named_parameters() if p.requires_grad and n != "frame_embed"])
+                 required=model.required_weights())
 elif qformer_init_from_bert and init_from == "scratch":
     init_from_bert(model, bert)
 model.to(dist_info.device)
