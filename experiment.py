@@ -2,23 +2,26 @@
 P-Former's central claim, measured in the quick start's world: aligning the Q-Former to a P-Former trained on text
 alone helps most when image-text pairs are scarce. Plain BLIP-2 and BLIP-2 + P-Former are trained on the first N
 paired scenes for several N, with the same P-Former, the same steps and the same seeds (the scripts' --seed), and
-evaluated zero-shot (VQA accuracy, caption CIDEr) on the world's 100 held-out test scenes.
+evaluated zero-shot (VQA accuracy per question type, caption CIDEr, and the objects each caption names right) on
+the world's held-out test scenes. The whole grid runs on several worlds (world.py --seed: other scenes, and
+backbones pretrained again), so that a verdict can be checked against a rebuild of what was pretrained.
 
     python experiment.py                       # the grid: {out}/test_150-300.md, .json and .png
     python experiment.py --split=val --n_pairs=[100] --seeds=[0] --stage2=150   # a choice, on validation scenes
-    python experiment.py --diagnose            # what the prompts carry: {out}/diagnosis.md, .json
+    python experiment.py --diagnose            # what the prompts carry: {out}/w0/diagnosis.md, .json
     python experiment.py --size=small          # CI size (tests/test_experiment.py)
-    options: --n_pairs=[100,300] --seeds=[0,1] --stage1=150 --stage2=300 --out=DIR --data=DIR --size=full|small
+    options: --worlds=[0,1] --n_pairs=[100,1900] --seeds=[0,1,2] --stage1=150 --stage2=300 --pformer=300
+             --out=DIR --data=DIR --size=full|small
 
-Choices are made on validation scenes, never on the test scenes: the last n_val scenes of train.json are in no
-subset; their captions are every stage's validation loss, and they get questions as the test scenes do
-(--split=val evaluates on them). The one choice tried, stage 2 of 150 or 300 steps (seed 0, N = 100 and 1900, both
-arms), split the metrics (150: mean VQA 51.9 vs 49.7, CIDEr 1.52 vs 1.67), within one seed's noise: the quick
-start's 300 stays, as do its other settings and its world, for both arms alike.
+Each difference between the arms is paired (same world, N and seed: the same data order and initial weights) and
+comes with three kinds of noise: the evaluation's (a bootstrap over the test scenes), the seeds' (the spread of the
+paired differences within a world) and the worlds' (each world's mean). Choices are made on validation scenes,
+never on the test scenes: the last n_val scenes of train.json are in no subset; their captions are every stage's
+validation loss, and they get questions as the test scenes do (--split=val evaluates on them).
 
-Everything done is reused (the world, the P-Former, every stage that reached its step count, every evaluation newer
-than its checkpoint); an interrupted stage resumes. Run it with OMP_NUM_THREADS=1 on a shared 2-core machine: two
-2-thread jobs on 2 cores spend their time spinning (a stage ran 5 to 10 times slower).
+Everything done is reused when what produced it is unchanged (quickstart.train and quickstart.evaluate compare the
+settings and the identities of the world and the parent checkpoints); an interrupted stage resumes. World 0 takes
+the quick start's shipped backbones; any other world pretrains its own (about 20 minutes on 2 cores).
 """
 import ast
 import json
@@ -40,12 +43,12 @@ from eval import VQA_PROMPT
 from model import PFormer, from_checkpoint, nearest_embeddings, read_checkpoint
 
 SIZES = {  # the world, validation scenes, grid, steps per stage, arguments of every stage, caption scorers
-    "full": dict(world={}, n_val=100, n_pairs=[100, 300, 1000, 1900], seeds=[0, 1, 2], pformer=300, stage1=150,
-                 stage2=300, args=["--log_interval=20", "--eval_interval=50"], scorers="['BLEU','CIDEr']",
+    "full": dict(world={}, worlds=[0, 1], n_val=100, n_pairs=[100, 1900], seeds=[0, 1, 2], pformer=300,
+                 stage1=150, stage2=300, args=["--log_interval=20", "--eval_interval=50"], scorers="['BLEU','CIDEr']",
                  diag=dict(steps=[100, 1000], text_scenes=[200, 2000], old_llm_steps=750)),
     "small": dict(world=dict(n_train=40, n_test=8, n_text=300, vit_steps=20, llm_width=64, llm_layers=2,
-                             llm_steps=100),
-                  n_val=8, n_pairs=[16, 32], seeds=[0], pformer=10, stage1=8, stage2=10,
+                             llm_steps=100, llm_questions=2),
+                  worlds=[0, 1], n_val=8, n_pairs=[16], seeds=[0, 1], pformer=10, stage1=8, stage2=10,
                   args=["--log_interval=2", "--eval_interval=5", "--batch_size=8"],
                   scorers="['CIDEr']", diag=dict(steps=[5], text_scenes=[50], old_llm_steps=40)),
 }
@@ -105,23 +108,67 @@ def run_dir(out, arm, n, seed):
     return f"{out}/runs/{ARMS[arm]}_n{n}_seed{seed}"
 
 
+def scene_scores(eval_dir, data, split):
+    """Per held-out scene, what one run got right: VQA questions answered right by type ("vqa/color": [right,
+    asked]), and the objects whose colour, shape and size its caption names right ("caption/color": [right,
+    objects]): what the bootstrap over scenes resamples."""
+    with open(f"{data}/{split}_captions.json") as f:
+        scenes = {it["image"]: it["scene"] for it in json.load(f)}
+    with open(f"{eval_dir}/vqa_answers.json") as f:
+        answers = {a["question_id"]: a["answer"] for a in json.load(f)}
+    with open(f"{eval_dir}/caption_captions.json") as f:
+        captions = {c["image_id"]: c["caption"] for c in json.load(f)}
+    out = {image: {} for image in scenes}
+    for q in M.load_vqa_list(f"{data}/{split}_vqa.json"):
+        right = M.normalize_vqa_answer(answers.get(q["question_id"], "")) == M.normalize_vqa_answer(q["answers"][0])
+        for key in ("vqa/overall", f"vqa/{q['answer_type']}"):
+            tally = out[q["image"]].setdefault(key, [0, 0])
+            tally[0], tally[1] = tally[0] + right, tally[1] + 1
+    for image, scene in scenes.items():
+        hits = world.caption_attribute_hits(captions.get(image, ""), scene)
+        for k in ("color", "shape", "size"):
+            out[image][f"caption/{k}"] = [hits[k], hits["objects"]]
+    return out
+
+
+def percent(scores, keys, images):
+    right = sum(scores[i].get(k, [0, 0])[0] for i in images for k in keys)
+    asked = sum(scores[i].get(k, [0, 0])[1] for i in images for k in keys)
+    return 100.0 * right / asked if asked else float("nan")
+
+
+def paired_difference(plain, aligned, key, rounds=1000, seed=0):
+    """P-Former minus BLIP-2 on one metric for one pair of runs (same world, N and seed), with its 95% interval
+    from a bootstrap over the held-out scenes (both runs resampled together: the evaluation's own noise)."""
+    images = sorted(plain)
+    diff = percent(aligned, [key], images) - percent(plain, [key], images)
+    rng, draws = random.Random(seed), []
+    for _ in range(rounds):
+        sample = rng.choices(images, k=len(images))
+        draws.append(percent(aligned, [key], sample) - percent(plain, [key], sample))
+    draws.sort()
+    return diff, draws[int(0.025 * rounds)], draws[int(0.975 * rounds) - 1]
+
+
 def grid(data, out, S, split, timings):
-    """Every (seed, N, arm) trained and evaluated on `split` (test or val): {arm: {N: {metric: [per seed]}}}."""
+    """Every (seed, N, arm) of one world trained and evaluated on `split` (test or val): {arm: {N: {metric: [per
+    seed]}}} and {f"{arm} N={n} seed={seed}": scene_scores}."""
     pf = pformer(f"{out}/pformer", S["pformer"], data, S, timings)
-    results, by_type = {arm: {} for arm in ARMS}, {}
+    results, scores = {arm: {} for arm in ARMS}, {}
     for seed in S["seeds"]:  # seeds outermost: an interrupted grid has every N of its first seeds
         for n in S["n_pairs"]:
             for arm in ARMS:
                 d = run_dir(out, arm, n, seed)
                 ckpt = blip2(d, n, seed, pf if "P-Former" in arm else "", data, S, timings)
+                eval_dir = f"{d}/eval_{split}_{steps(S)}"
                 vqa, cap = (quickstart.evaluate(f"{d}: {task} ({split})", ckpt, task, f"{split}_{ann}.json",
-                                                f"{d}/eval_{split}_{steps(S)}", data, timings, S["scorers"])
+                                                eval_dir, data, timings, S["scorers"])
                             for task, ann in [("vqa", "vqa"), ("caption", "captions")])
                 r = results[arm].setdefault(n, {"vqa": [], "cider": []})
                 r["vqa"].append(vqa["overall"])
                 r["cider"].append(cap["CIDEr"])
-                by_type[f"{arm} N={n} seed={seed}"] = vqa
-    return results, by_type
+                scores[f"{arm} N={n} seed={seed}"] = scene_scores(eval_dir, data, split)
+    return results, scores
 
 
 def stats(v):
@@ -148,27 +195,73 @@ def table(results, digits=(1, 3)):
     return "\n".join(lines)
 
 
+METRICS = ["vqa/overall", "vqa/color", "vqa/shape", "vqa/size", "vqa/count", "vqa/position", "caption/color",
+           "caption/shape", "caption/size"]
+
+
+def paired_table(scores_by_world, n_pairs, seeds):
+    """Markdown and numbers: per N and metric (VQA accuracy per question type, objects named right in captions per
+    attribute), each arm's mean over worlds and seeds, and P-Former minus BLIP-2: its mean, each world's mean with
+    the spread of its seeds [min, max], and the bootstrap's 95% interval over test scenes (the median half-width over
+    the pairs: the evaluation's noise on one pair)."""
+    lines = ["| N | metric | BLIP-2 | + P-Former | difference: mean | per world: mean [seed min, max] | "
+             "evaluation noise: ± (bootstrap 95%, one pair) | pairs above 0 |", "|---" * 8 + "|"]
+    numbers = {}
+    for n in n_pairs:
+        for key in METRICS:
+            plain, aligned, diffs, halfs, per_world = [], [], [], [], {}
+            for w, scores in scores_by_world.items():
+                for seed in seeds:
+                    a, b = scores[f"BLIP-2 N={n} seed={seed}"], scores[f"BLIP-2 + P-Former N={n} seed={seed}"]
+                    images = sorted(a)
+                    plain.append(percent(a, [key], images))
+                    aligned.append(percent(b, [key], images))
+                    diff, lo, hi = paired_difference(a, b, key)
+                    diffs.append(diff)
+                    halfs.append((hi - lo) / 2)
+                    per_world.setdefault(w, []).append(diff)
+            mean = lambda v: sum(v) / len(v)  # noqa: E731
+            worlds = "; ".join(f"world {w}: {mean(v):+.1f} [{min(v):+.1f}, {max(v):+.1f}]" for w, v in per_world.items())
+            half = sorted(halfs)[len(halfs) // 2]
+            lines.append(f"| {n} | {key} | {mean(plain):.1f} | {mean(aligned):.1f} | {mean(diffs):+.1f} | {worlds} | "
+                         f"± {half:.1f} | {sum(d > 0 for d in diffs)} of {len(diffs)} |")
+            numbers[f"N={n} {key}"] = dict(plain=plain, aligned=aligned, differences=diffs, per_world=per_world,
+                                           bootstrap_half_width=halfs)
+    return "\n".join(lines), numbers
+
+
 def experiment(data, out, S, split, timings):
-    """The grid, its table (markdown), its numbers (JSON) and its figure (PNG), named {split}_{stage1}-{stage2}."""
-    results, by_type = grid(data, out, S, split, timings)
+    """The grid on every world, its tables (markdown), its numbers (JSON) and its figure (PNG), named
+    {split}_{stage1}-{stage2}: the first world's curves against N, and the paired differences over all worlds."""
+    results, scores_by_world = {}, {}
+    for w in S["worlds"]:
+        results[w], scores_by_world[w] = grid(f"{data}/w{w}", f"{out}/w{w}", S, split, timings)
+    data0, first = f"{data}/w{S['worlds'][0]}", results[S["worlds"][0]]
     reference = {}
-    if split == "test":  # the blind baselines and the LLM reading the true caption, on the same test questions
-        questions = M.load_vqa_list(f"{data}/test_vqa.json")
-        items = M.load_caption_task("caption", f"{data}/test_captions.json")
-        blind = quickstart.blind_baselines(data, questions, items)
-        oracle = quickstart.true_caption_vqa(data, questions)["overall"]
+    if split == "test":  # the blind baselines and the LLM reading the true caption, on the first world's questions
+        questions = M.load_vqa_list(f"{data0}/test_vqa.json")
+        items = M.load_caption_task("caption", f"{data0}/test_captions.json")
+        blind = quickstart.blind_baselines(data0, questions, items)
+        oracle = quickstart.true_caption_vqa(data0, questions)["overall"]
         reference = {"vqa": [("LLM reading the true caption", oracle),
                              ("blind: top answer per question", blind["answer per question"]["overall"])],
                      "cider": [("blind: most common caption", blind["top caption CIDEr"])]}
     name = f"{out}/{split}_{S['stage1']}-{S['stage2']}"
-    plots.metric_vs_pairs(results, [("vqa", "zero-shot VQA accuracy (%)"), ("cider", "caption CIDEr")],
+    plots.metric_vs_pairs(first, [("vqa", "zero-shot VQA accuracy (%)"), ("cider", "caption CIDEr")],
                           f"{name}.png", reference)
+    paired, numbers = paired_table(scores_by_world, S["n_pairs"], S["seeds"])
     text = (f"Zero-shot VQA and CIDEr on the {split} scenes, stages of {S['stage1']} and {S['stage2']} steps, seeds "
-            f"{S['seeds']}, the same P-Former ({S['pformer']} steps) for every aligned run.\n\n" + table(results) +
-            "\n\nReferences: " + "; ".join(f"{lab} {v:.3f}" for refs in reference.values() for lab, v in refs))
+            f"{S['seeds']}, worlds {S['worlds']} (world.py --seed: other scenes, other backbones), each world's own "
+            f"P-Former ({S['pformer']} steps) for its aligned runs.\n\n" +
+            "\n\n".join(f"World {w}:\n\n" + table(r) for w, r in results.items()) +
+            "\n\nReferences (world " + str(S["worlds"][0]) + "): " +
+            "; ".join(f"{lab} {v:.3f}" for refs in reference.values() for lab, v in refs) +
+            "\n\nP-Former minus BLIP-2, paired (same world, N and seed), per question type and caption attribute:\n\n"
+            + paired)
     with open(f"{name}.md", "w") as f:
         f.write(text + "\n")
-    write_json(f"{name}.json", dict(results=results, vqa_by_type=by_type, reference=reference, seconds=timings))
+    write_json(f"{name}.json", dict(results={str(w): r for w, r in results.items()}, paired=numbers,
+                                    reference=reference, seconds=timings))
     print("\n" + text + f"\n\nwrote {name}.md, {name}.json, {name}.png")
 
 # -----------------------------------------------------------------------------
@@ -354,14 +447,16 @@ def diagnose(data, out, S, timings):
 
 
 def main(size="full", data="data/experiment", out="out/experiment", split="test", diagnose_only=False, **choices):
-    """The world (built once), the validation split and subsets, then the grid or the diagnosis."""
+    """Each world (built once; world seed w under {data}/w{w}), its validation split and subsets, then the grid or
+    the diagnosis (on the first world)."""
     S, timings, t0 = {**SIZES[size], **choices}, {}, time.time()
-    quickstart.run("world + backbones", ["world.py", "--quickstart", f"--out={data}",
-                                         *[f"--{k}={v}" for k, v in S["world"].items()]], timings)
-    os.makedirs(out, exist_ok=True)
-    write_splits(data, S["n_pairs"], S["n_val"])
+    for w in S["worlds"] if not diagnose_only else S["worlds"][:1]:
+        quickstart.run(f"world {w} + backbones", ["world.py", "--quickstart", f"--out={data}/w{w}", f"--seed={w}",
+                                                  *[f"--{k}={v}" for k, v in S["world"].items()]], timings)
+        os.makedirs(f"{out}/w{w}", exist_ok=True)
+        write_splits(f"{data}/w{w}", S["n_pairs"], S["n_val"])
     if diagnose_only:
-        diagnose(data, out, S, timings)
+        diagnose(f"{data}/w{S['worlds'][0]}", f"{out}/w{S['worlds'][0]}", S, timings)
     else:
         experiment(data, out, S, split, timings)
     print(f"\n{time.time() - t0:.0f}s in all")
@@ -375,7 +470,7 @@ if __name__ == "__main__":
             options["diagnose_only"] = True
         elif key in ("size", "data", "out", "split"):
             options[key] = value
-        elif key in ("n_pairs", "seeds", "stage1", "stage2", "pformer"):
+        elif key in ("n_pairs", "seeds", "worlds", "stage1", "stage2", "pformer"):
             options[key] = ast.literal_eval(value)
         else:
             raise SystemExit(f"unknown option {arg}; see the docstring of experiment.py")

@@ -460,7 +460,11 @@ class Blip2Stage1(VisualQueries):
             neg_text = sample_negatives(sim_i2t, positives, noise[1])
         ids_itm = torch.cat([ids, ids, ids_all[neg_text]])
         mask_itm = torch.cat([mask, mask, mask_all[neg_text]])
-        image_itm = torch.cat([image_embeds.to(image_all.dtype), image_all[neg_image], image_embeds.to(image_all.dtype)])
+        # index_select, not image_all[neg_image]: an image drawn twice sums its two gradients, and indexing's
+        # backward (index_put with accumulate) adds them in a different order from run to run on a multi-threaded
+        # CPU; index_select's backward (index_add) adds them in order: the same seed gives the same weights
+        image_itm = torch.cat([image_embeds.to(image_all.dtype), image_all.index_select(0, neg_image),
+                               image_embeds.to(image_all.dtype)])
         image_mask_itm = None if image_mask is None else torch.cat([image_mask, image_mask_all[neg_image], image_mask])
         logits = self.itm_logits(image_itm, ids_itm, mask_itm, image_mask_itm)  # 3B x 2
         labels = torch.cat([ids.new_ones(B), ids.new_zeros(2 * B)])

@@ -17,9 +17,11 @@ what each model said (samples.png) and the loss curves of every stage (losses.pn
 Everything already done is reused: the world, and every stage whose checkpoint reached its last step; a stage
 that was interrupted continues from its checkpoint (init_from=resume).
 """
+import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -29,51 +31,110 @@ SIZES = {  # world.py settings, the steps of each stage, and the caption scorers
     "full": dict(world={}, pformer=300, stage1=150, stage2=300, log_interval=20,
                  scorers="['BLEU','METEOR','ROUGE-L','CIDEr']"),
     "small": dict(world=dict(n_train=200, n_test=24, n_text=1500, vit_steps=100, llm_width=64, llm_layers=2,
-                             llm_steps=400),
+                             llm_steps=400, llm_questions=2),
                   pformer=80, stage1=40, stage2=100, log_interval=5, scorers="['BLEU','CIDEr']"),
 }
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}  # nothing from the Hub; each step uses all cores (torch's default)
 
 
 def run(name, cmd, timings):
-    """Run one step as a subprocess, echo its output, time it."""
+    """Run one step as a subprocess, echo its output, time it. SIGTERM or SIGINT sent to this driver (a scheduler's
+    pre-emption, kill) goes to the step, which saves a checkpoint and exits; the driver waits for it, then stops."""
     print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
     t0 = time.time()
-    subprocess.run([sys.executable, *cmd], check=True, env=ENV)
+    child = subprocess.Popen([sys.executable, *cmd], env=ENV)
+    forward = lambda signum, frame: child.send_signal(signum)  # noqa: E731
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     timings[name] = timings.get(name, 0.0) + time.time() - t0
+    if code != 0:
+        raise SystemExit(f"{name} stopped (exit code {code}); run the same command again to continue")
+
+
+def digest(*parts):
+    """A short hash of JSON-able parts: the identity of a result, from what produced it."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def identity(path):
+    """What a result was made from: a world directory's world.json (its settings and the hashes of its backbones),
+    or a checkpoint's recipe.json (written by train() below). None for anything else."""
+    for record in (os.path.join(path, "world.json"), os.path.join(os.path.dirname(path), "recipe.json")):
+        if os.path.isfile(record):
+            with open(record) as f:
+                return digest(json.load(f))
+    return None
+
+
+def recipe(script, args):
+    """A stage's recipe: its script, its arguments, and the identity of every world or checkpoint they name (a
+    rebuilt world, or a retrained parent stage, is a new recipe)."""
+    paths = [a.split("=", 1)[1] for a in args if "=" in a]
+    inputs = {p: identity(p) for p in paths if os.path.exists(p) and identity(p) is not None}
+    return dict(script=script, args=list(args), inputs=inputs)
 
 
 def train(name, script, config, out_dir, steps, data, timings, *extra):
-    """A training stage, unless its checkpoint already reached `steps`; resumed if it stopped before. The config
-    file's data and backbone paths under data/quickstart (or data/video) are moved to `data`; `extra` comes last
-    and wins. Returns the checkpoint's path."""
+    """A training stage, unless its checkpoint already reached `steps` with the same recipe (script, arguments, and
+    the identities of the world and the checkpoints it starts from); resumed if it stopped before; redone from
+    scratch if anything it depends on changed. The config file's data and backbone paths under data/quickstart (or
+    data/video) are moved to `data`; `extra` comes last and wins. Returns the checkpoint's path."""
     from model import read_checkpoint
 
-    ckpt = os.path.join(out_dir, "ckpt.pt")
+    ckpt, record = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "recipe.json")
     args = [config, f"--out_dir={out_dir}", f"--max_steps={steps}", f"--lr_decay_steps={steps}"]
     with open(config) as f:  # the config's world is data/quickstart or data/video
         args += [re.sub(r"data/(quickstart|video)", data, f"--{line.split('=')[0].strip()}="
                         f"{line.split('=', 1)[1].split('#')[0].strip()}") for line in f
                  if re.search(r"data/(quickstart|video)", line) and not line.startswith("#")]
     args += extra
+    wanted = recipe(script, args + [f"--world={data}"])
     if os.path.isfile(ckpt):
+        same = read_json(record) == wanted
         step = read_checkpoint(ckpt)["step"]
-        if step >= steps:
+        if same and step >= steps:
             print(f"=== {name}: done already ({ckpt} at step {step})")
             return ckpt
-        args.append("--init_from=resume")
+        if same:
+            args.append("--init_from=resume")
+        else:
+            print(f"=== {name}: {out_dir} was made from other settings or inputs: training it again")
+            args.append("--overwrite=True")
+    os.makedirs(out_dir, exist_ok=True)
+    write_json_atomic(record, wanted)
     run(name, [script, *args], timings)
     return ckpt
 
 
+def read_json(path):
+    """The JSON in `path`, or None where there is none."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json_atomic(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def evaluate(name, ckpt, task, ann, out_dir, data, timings, scorers, media="images"):
-    """eval.py on the held-out scenes (or clips: media="videos"), unless its metrics are newer than the checkpoint."""
-    metrics = os.path.join(out_dir, f"{task}_metrics.json")
-    if not (os.path.isfile(metrics) and os.path.getmtime(metrics) > os.path.getmtime(ckpt)):
-        run(name, ["eval.py", f"--task={task}", f"--ckpt={ckpt}", f"--ann_file={data}/{ann}",
-                   f"--image_root={data}/{media}", f"--out_dir={out_dir}", "--device=cpu", "--num_workers=0",
-                   "--batch_size=50", "--min_new_tokens=1", "--log_every=1000", f"--caption_scorers={scorers}"],
-            timings)
+    """eval.py on the held-out scenes (or clips: media="videos"), unless its metrics were computed with the same
+    arguments from the same checkpoint (its identity) and the same world."""
+    metrics, record = os.path.join(out_dir, f"{task}_metrics.json"), os.path.join(out_dir, f"{task}_recipe.json")
+    args = [f"--task={task}", f"--ckpt={ckpt}", f"--ann_file={data}/{ann}", f"--image_root={data}/{media}",
+            f"--out_dir={out_dir}", "--device=cpu", "--num_workers=0", "--batch_size=50", "--min_new_tokens=1",
+            "--log_every=1000", f"--caption_scorers={scorers}"]
+    wanted = recipe("eval.py", args + [f"--world={data}"])
+    if not (os.path.isfile(metrics) and read_json(record) == wanted):
+        run(name, ["eval.py", *args], timings)
+        write_json_atomic(record, wanted)
     with open(metrics) as f:
         return json.load(f)["metrics"]
 
@@ -123,11 +184,16 @@ def true_caption_vqa(data, questions):
     return M.generic_vqa_scores(answers, questions)
 
 
-# what experiment.py measured over 3 seeds at the quick start's size (all the pairs: its N = 1900, the size where
-# both metrics' gains were clearest)
-ONE_SEED = ("One seed only. Over 3 seeds at this size (experiment.py, N = 1900), P-Former's gain was +5.1 to +7.9 "
-            "VQA points and +0.23 to +0.28 CIDEr seed by seed, while each arm's own level moved by up to 12 points "
-            "and 0.12 CIDEr between seeds: trust the sign of the gap more than either number.")
+def caption_attributes(r, data, ann="test_captions.json"):
+    """What the model's captions of the held-out scenes get right, object by object (world.caption_attribute_hits):
+    percent of objects whose colour, shape and size they name right, and of captions naming as many objects."""
+    import world
+
+    with open(f"{data}/{ann}") as f:
+        scenes = {it["image"]: it["scene"] for it in json.load(f)}
+    with open(f"{r['dir']}/eval/caption_captions.json") as f:
+        captions = {c["image_id"]: c["caption"] for c in json.load(f)}
+    return world.caption_attribute_accuracy(captions, scenes)
 
 
 def results_table(results, blind, oracle, timings, total):
@@ -141,12 +207,20 @@ def results_table(results, blind, oracle, timings, total):
     lines += [f"| {n} | {v:.1f} | {'' if c is None else f'{c:.3f}'} |" for n, v, c in rows]
     types = sorted(k for k in oracle if k not in ("overall", "scored", "missing", "empty"))
     lines += ["", "| VQA accuracy by question type (%) | " + " | ".join(types) + " |", "|---" * (len(types) + 1) + "|"]
+    lines += ["| blind: most frequent answer to each question | " + " | ".join(
+        f"{blind['answer per question'][t]:.1f}" for t in types) + " |"]
     lines += [f"| {n} | " + " | ".join(f"{r['vqa'][t]:.1f}" for t in types) + " |" for n, r in results.items()]
     lines += ["| the LLM reading the true caption | " + " | ".join(f"{oracle[t]:.1f}" for t in types) + " |"]
+    attrs = ["color", "shape", "size", "count"]
+    lines += ["", "| objects named right in the captions (%) | colour | shape | size | number of objects |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {n} | " + " | ".join(f"{r['caption_attributes'][a]:.1f}" for a in attrs) + " |"
+              for n, r in results.items()]
     lines += ["", "| step | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in timings.items()]
     lines += [f"| total | {total:.0f} |"]
     lines += ["", f"Caption metrics tokenised with: {next(iter(results.values()))['caption'].get('tokenizer')}"]
-    lines += ["", ONE_SEED]
+    lines += ["", "One training seed per model: experiment.py measures how far the gap between the two models moves "
+                  "with the seed and with a rebuilt world."]
     return "\n".join(lines)
 
 
@@ -195,6 +269,7 @@ def main(size="full", data="data/quickstart", out="out/quickstart"):
                                                  data, timings, S["scorers"]),
                              caption=evaluate(f"{name}: eval captions", ckpt, "caption", "test_captions.json",
                                               f"{d}/eval", data, timings, S["scorers"]))
+        results[name]["caption_attributes"] = caption_attributes(results[name], data)
 
     import metrics as M
 

@@ -9,7 +9,8 @@ through the very loading code of bert-base-uncased, OPT-2.7b and EVA ViT-g.
 Three worlds:
     python world.py                  # the tiny world in data/world, for the tests and config/*_tiny.py (seconds);
                                      # its backbones are nearly random: every code path runs, nothing is learned well
-    python world.py --quickstart     # the quick start's world in data/quickstart (a few minutes on 2 cores)
+    python world.py --quickstart     # the quick start's world in data/quickstart (seconds: its LLM and ViT ship in
+                                     # assets/quickstart_backbones; with --pretrain=1 they are pretrained here)
     python world.py --video          # the video world in data/video: clips of a moving shape (a minute)
 
 The quick start's world is the one that learns: 2000 image-caption pairs, 100 held-out test scenes with questions,
@@ -18,10 +19,12 @@ pretrained on that corpus as OPT was on web text: pages of documents that each b
 documents about the same scene, so that what comes before a BOS informs what follows it; a soft prompt in front of
 BOS is read the same way. Its ViT is pretrained to name what is in each row of freshly rendered scenes.
 """
+import hashlib
 import io
 import json
 import os
 import random
+import shutil
 import sys
 import tarfile
 import time
@@ -84,6 +87,42 @@ def scene_questions(scene):
 
 def qa_sentence(question, answer):
     return VQA_TEMPLATE.format(question) + " " + answer
+
+
+def caption_objects(caption):
+    """The objects a caption in the world's grammar names, top to bottom: [{size, color, shape}] (a missing word is
+    None). "a picture of a big red circle above a small square" -> [big red circle, small None square]."""
+    for prefix in ("a picture of ", "there is "):
+        caption = caption.removeprefix(prefix)
+    objects = []
+    for phrase in caption.strip().split(" above "):
+        words = phrase.split()
+        objects.append(dict(size=next((w for w in words if w in SIZES), None),
+                            color=next((w for w in words if w in COLORS), None),
+                            shape=next((w for w in words if w in SHAPES), None)))
+    return objects
+
+
+def caption_attribute_hits(caption, scene):
+    """What a generated caption gets right of a scene, object by object: the i-th object named (top to bottom) is
+    compared with the scene's i-th object. Returns {"color", "shape", "size": objects whose attribute is named
+    right, "objects": objects in the scene, "count": 1 if the caption names as many objects as the scene has}."""
+    named = caption_objects(caption)
+    hits = {k: sum(i < len(named) and named[i][k] == o[k] for i, o in enumerate(scene))
+            for k in ("color", "shape", "size")}
+    return dict(hits, objects=len(scene), count=int(len(named) == len(scene)))
+
+
+def caption_attribute_accuracy(captions, scenes):
+    """Percent of the scenes' objects whose colour, shape and size the captions name right (caption_attribute_hits),
+    and percent of captions that name as many objects as their scene has. captions, scenes: {image_id: ...}."""
+    total = dict(color=0, shape=0, size=0, objects=0, count=0)
+    for image_id, scene in scenes.items():
+        for k, v in caption_attribute_hits(captions.get(image_id, ""), scene).items():
+            total[k] += v
+    out = {k: 100.0 * total[k] / total["objects"] for k in ("color", "shape", "size")}
+    out["count"] = 100.0 * total["count"] / len(scenes)
+    return out
 
 
 def render_scene(scene, size=48):
@@ -217,19 +256,22 @@ def bpe_tokenizer(directory, texts, vocab_size=400):
 # pretraining the backbones on the world
 
 
-def llm_pages(scenes, rng, questions=True, captions_of=None, questions_of=None):
+def llm_pages(scenes, rng, n_questions=2, captions_of=None, questions_of=None):
     """The LLM's pretraining text, as OPT's: pages of documents, each document "</s>" + a sentence + "\\n", all the
-    documents of a page about one scene (one or two of its captions and, with `questions`, two questions about it
-    answered in the VQA template, in any order after the first caption). So the LLM learns that a document can speak
-    of what the one before it described: the place where BLIP-2 puts its soft prompt, in front of BOS. captions_of
-    and questions_of: the world's (scene_captions and scene_questions by default; the video world's clips)."""
+    documents of a page about one scene: one or two of its captions and n_questions questions about it answered in
+    the VQA template, in any order after the first caption. So the LLM learns that a document can speak of what the
+    one before it described: the place where BLIP-2 puts its soft prompt, in front of BOS. The more questions a page
+    asks, the more often the LLM must read a colour, a shape or an order back from the caption: with 2, a 4-layer
+    LLM answered colour questions after the true caption no better than chance. captions_of and questions_of: the
+    world's (scene_captions and scene_questions by default; the video world's clips)."""
     captions_of, questions_of = captions_of or scene_captions, questions_of or scene_questions
     pages = []
     for s in scenes:
         docs = rng.sample(captions_of(s), rng.randint(1, 2))
-        if questions:
-            docs += [qa_sentence(q, a) for q, a, _ in rng.sample(questions_of(s), min(2, len(questions_of(s))))]
-            docs = docs[:1] + rng.sample(docs[1:], len(docs) - 1)  # a caption first, then the rest in any order
+        qas = questions_of(s)
+        docs += [qa_sentence(q, a) for q, a, _ in rng.sample(qas, min(n_questions, len(qas)))]
+        if n_questions:  # a caption first, then the rest in any order
+            docs = docs[:1] + rng.sample(docs[1:], len(docs) - 1)
         pages.append(docs)
     return pages
 
@@ -299,18 +341,26 @@ def pretrain_vit(vit, image_size, steps, example=scene_example, batch_size=64, l
     return vit.eval(), loss.item()
 
 
-def write_backbones(out, texts, pages, bert_width, bert_layers, llm_width, llm_layers, llm_steps, vit_kwargs,
-                    image_size, vit_steps=0, seed=0, words=WORDS, example=scene_example):
-    """bert/ (BertForMaskedLM + tokenizer), llm/ (an OPTForCausalLM pretrained on `pages`, its BPE tokenizer learned
-    from `texts`), vit.pth (a timm EVA state dict, pretrained on scenes for vit_steps). Returns the final losses."""
-    import timm
-    from transformers import BertConfig, BertForMaskedLM, OPTConfig, OPTForCausalLM
+def write_bert(out, seed, bert_width, bert_layers, words=WORDS):
+    """bert/: a BertForMaskedLM of random weights (seeded) and the world's WordPiece tokenizer, in bert-base-uncased's
+    format: what the Q-Former and the P-Former are initialised from."""
+    from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(seed)
     tok = bert_tokenizer(os.path.join(out, "bert"), words)
     BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=bert_width, num_hidden_layers=bert_layers,
                                num_attention_heads=4, intermediate_size=2 * bert_width)).save_pretrained(
         os.path.join(out, "bert"))
+
+
+def write_backbones(out, texts, pages, bert_width, bert_layers, llm_width, llm_layers, llm_steps, vit_kwargs,
+                    image_size, vit_steps=0, seed=0, words=WORDS, example=scene_example):
+    """bert/ (write_bert), llm/ (an OPTForCausalLM pretrained on `pages`, its BPE tokenizer learned from `texts`),
+    vit.pth (a timm EVA state dict, pretrained on scenes for vit_steps). Returns the final losses."""
+    import timm
+    from transformers import OPTConfig, OPTForCausalLM
+
+    write_bert(out, seed, bert_width, bert_layers, words)
     llm_tok = bpe_tokenizer(os.path.join(out, "llm"), texts)
     llm = OPTForCausalLM(OPTConfig(hidden_size=llm_width, ffn_dim=4 * llm_width, num_hidden_layers=llm_layers,
                                    num_attention_heads=4, vocab_size=len(llm_tok), max_position_embeddings=256,
@@ -342,7 +392,7 @@ def build_tiny_world(out="data/world", n_train=96, n_val=16, image_size=64, llm_
     with open(os.path.join(out, "train.jsonl"), "w") as f:
         f.writelines(json.dumps(a) + "\n" for a in train)
     scenes = [a["scene"] for a in train]
-    pages = llm_pages(scenes + [random_scene(rng, 2) for _ in range(400)], rng, questions=False)
+    pages = llm_pages(scenes + [random_scene(rng, 2) for _ in range(400)], rng, n_questions=0)
     llm_loss, _ = write_backbones(out, [s for p in pages for s in p], pages, bert_width=64, bert_layers=2, llm_width=64,
                                   llm_layers=2, llm_steps=llm_steps, vit_kwargs=TINY_VIT, image_size=32, seed=seed)
     print(f"tiny world in {out}: {n_train} training and {n_val} validation scenes, backbones bert/ llm/ vit.pth "
@@ -351,7 +401,12 @@ def build_tiny_world(out="data/world", n_train=96, n_val=16, image_size=64, llm_
 
 
 QUICKSTART_WORLD = dict(n_train=2000, n_test=100, n_text=20000, image_size=48, vit_width=96, vit_depth=4,
-                        vit_steps=400, llm_width=128, llm_layers=4, llm_steps=750, seed=0)
+                        vit_steps=400, llm_width=128, llm_layers=4, llm_steps=750, llm_questions=6, seed=0)
+
+
+# what the quick start's backbones depend on: the scenes of the image-text pairs and the test scenes do not matter
+BACKBONE_SETTINGS = ("seed", "n_text", "image_size", "vit_width", "vit_depth", "vit_steps", "llm_width", "llm_layers",
+                     "llm_steps", "llm_questions")
 
 
 def quickstart_vit_kwargs(cfg):
@@ -369,33 +424,86 @@ def built_already(out, cfg, name):
     return False
 
 
+def file_hashes(out, names=("bert/model.safetensors", "llm/model.safetensors", "llm/tokenizer.json", "vit.pth")):
+    """sha256 of each backbone file: a world's identity (quickstart.py redoes what depends on a world whose
+    backbones changed), and the check that building the same world twice gives the same backbones."""
+    out_hashes = {}
+    for name in names:
+        with open(os.path.join(out, name), "rb") as f:
+            out_hashes[name] = hashlib.sha256(f.read()).hexdigest()
+    return out_hashes
+
+
 def record_build(out, cfg, **facts):
-    with open(os.path.join(out, "world.json"), "w") as f:
-        json.dump({"config": cfg, **facts}, f, indent=1)
+    with open(os.path.join(out, "world.json.tmp"), "w") as f:
+        json.dump({"config": cfg, "backbones": file_hashes(out), **facts}, f, indent=1)
+    os.replace(os.path.join(out, "world.json.tmp"), os.path.join(out, "world.json"))
 
 
-def build_quickstart_world(out="data/quickstart", **overrides):
-    """The quick start's world under `out`, built once: a second call with the same settings returns at once."""
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "quickstart_backbones")
+
+
+def shipped_backbones(cfg, directory=SHIPPED):
+    """The quick start's pretrained LLM and ViT as they ship in the repository (assets/quickstart_backbones: an
+    OPT directory and a timm state dict, a few MB), if they were pretrained with these world settings (those in
+    BACKBONE_SETTINGS); else None. `world.py --quickstart --pretrain=1 --ship=DIR` pretrains them again."""
+    record = os.path.join(directory, "backbones.json")
+    if not os.path.isfile(record):
+        return None
+    with open(record) as f:
+        made_with = json.load(f)["config"]
+    return directory if all(made_with.get(k) == cfg[k] for k in BACKBONE_SETTINGS) else None
+
+
+def build_quickstart_world(out="data/quickstart", pretrain=False, shipped=SHIPPED, **overrides):
+    """The quick start's world under `out`, built once: a second call with the same settings returns at once. The
+    scenes and the corpus are made on the spot; the LLM and the ViT are the shipped ones when they were pretrained
+    with these settings (unless `pretrain`), else pretrained here (about 15 minutes on 2 cores)."""
     cfg = {**QUICKSTART_WORLD, **overrides}
     if built_already(out, cfg, "world"):
         return cfg
     t0 = time.time()
-    rng = write_scenes(out, cfg["n_train"], cfg["n_test"], cfg["image_size"], cfg["seed"])
-    text_scenes = [random_scene(rng) for _ in range(cfg["n_text"])]
+    write_scenes(out, cfg["n_train"], cfg["n_test"], cfg["image_size"], cfg["seed"])
+    corpus_rng = random.Random(f"corpus {cfg['seed']}")  # its own stream: the corpus is the same for any n_test
+    text_scenes = [random_scene(corpus_rng) for _ in range(cfg["n_text"])]
     write_corpus(out, text_scenes)
     print(f"world: {cfg['n_train']} training and {cfg['n_test']} test scenes, a text corpus of {cfg['n_text']} more "
           f"scenes ({time.time() - t0:.0f}s)")
-    with open(os.path.join(out, "corpus_captions.txt")) as f, open(os.path.join(out, "corpus_qa.txt")) as g:
-        corpus = f.read().splitlines() + g.read().splitlines()
-    llm_loss, vit_loss = write_backbones(
-        out, corpus, llm_pages(text_scenes, random.Random(cfg["seed"])), bert_width=128, bert_layers=4,
-        llm_width=cfg["llm_width"],
-        llm_layers=cfg["llm_layers"], llm_steps=cfg["llm_steps"], vit_kwargs=quickstart_vit_kwargs(cfg),
-        image_size=cfg["image_size"], vit_steps=cfg["vit_steps"], seed=cfg["seed"])
+    shipped = None if pretrain else shipped_backbones(cfg, shipped)
+    if shipped:
+        write_bert(out, cfg["seed"], bert_width=128, bert_layers=4)
+        shutil.copytree(os.path.join(shipped, "llm"), os.path.join(out, "llm"), dirs_exist_ok=True)
+        shutil.copy(os.path.join(shipped, "vit.pth"), os.path.join(out, "vit.pth"))
+        with open(os.path.join(shipped, "backbones.json")) as f:
+            facts = {k: v for k, v in json.load(f).items() if k != "config"}
+        print(f"world: the LLM and the ViT from {shipped} (pretrained with these settings)")
+    else:
+        with open(os.path.join(out, "corpus_captions.txt")) as f, open(os.path.join(out, "corpus_qa.txt")) as g:
+            corpus = f.read().splitlines() + g.read().splitlines()
+        llm_loss, vit_loss = write_backbones(
+            out, corpus, llm_pages(text_scenes, random.Random(cfg["seed"]), n_questions=cfg["llm_questions"]),
+            bert_width=128, bert_layers=4, llm_width=cfg["llm_width"], llm_layers=cfg["llm_layers"],
+            llm_steps=cfg["llm_steps"], vit_kwargs=quickstart_vit_kwargs(cfg), image_size=cfg["image_size"],
+            vit_steps=cfg["vit_steps"], seed=cfg["seed"])
+        facts = dict(llm_loss=llm_loss, vit_loss=vit_loss, pretrain_seconds=time.time() - t0)
+        print(f"world: LLM pretrained ({llm_loss:.3f}), ViT pretrained ({vit_loss:.3f})")
     seconds = time.time() - t0
-    print(f"world: LLM pretrained ({llm_loss:.3f}), ViT pretrained ({vit_loss:.3f}), {seconds:.0f}s in all")
-    record_build(out, cfg, seconds=seconds, llm_loss=llm_loss, vit_loss=vit_loss)
+    print(f"world: built in {seconds:.0f}s")
+    record_build(out, cfg, seconds=seconds, **facts)
     return cfg
+
+
+def save_shipped_backbones(out, cfg, directory=SHIPPED):
+    """Copy a built world's LLM and ViT to `directory`, with the settings they were pretrained with."""
+    os.makedirs(directory, exist_ok=True)
+    shutil.copytree(os.path.join(out, "llm"), os.path.join(directory, "llm"), dirs_exist_ok=True)
+    shutil.copy(os.path.join(out, "vit.pth"), os.path.join(directory, "vit.pth"))
+    with open(os.path.join(out, "world.json")) as f:
+        built = json.load(f)
+    with open(os.path.join(directory, "backbones.json"), "w") as f:
+        json.dump({"config": cfg, **{k: built[k] for k in ("llm_loss", "vit_loss", "pretrain_seconds")}}, f,
+                  indent=1)
+    print(f"wrote the pretrained LLM and ViT to {directory}")
 
 
 # -----------------------------------------------------------------------------
@@ -535,6 +643,11 @@ if __name__ == "__main__":
     kwargs, kind = {}, next((a for a in sys.argv[1:] if a in ("--quickstart", "--video")), "")
     for arg in [a for a in sys.argv[1:] if a != kind]:
         key, _, value = arg.lstrip("-").partition("=")
-        kwargs[key] = value if key == "out" else int(value)
+        kwargs[key] = value if key in ("out", "ship") else int(value)
+    ship = kwargs.pop("ship", None)
     build = {"--quickstart": build_quickstart_world, "--video": build_video_world}.get(kind, build_tiny_world)
-    build(**kwargs)
+    if ship and build is not build_quickstart_world:
+        raise SystemExit("--ship=DIR: only the quick start's backbones ship (world.py --quickstart --ship=DIR)")
+    built = build(**kwargs)
+    if ship:  # the pretrained LLM and ViT of this world become the shipped ones (assets/quickstart_backbones)
+        save_shipped_backbones(kwargs.get("out", "data/quickstart"), built, ship)
