@@ -21,7 +21,7 @@ validation loss, and they get questions as the test scenes do (--split=val evalu
 
 Everything done is reused when what produced it is unchanged (quickstart.train and quickstart.evaluate compare the
 settings and the identities of the world and the parent checkpoints); an interrupted stage resumes. World 0 takes
-the quick start's shipped backbones; any other world pretrains its own (about 20 minutes on 2 cores).
+the quick start's shipped backbones; any other world pretrains its own (about 40 minutes on 2 cores).
 """
 import ast
 import json
@@ -47,7 +47,7 @@ SIZES = {  # the world, validation scenes, grid, steps per stage, arguments of e
                  stage1=150, stage2=300, args=["--log_interval=20", "--eval_interval=50"], scorers="['BLEU','CIDEr']",
                  diag=dict(steps=[100, 1000], text_scenes=[200, 2000], old_llm_steps=750)),
     "small": dict(world=dict(n_train=40, n_test=8, n_text=300, vit_steps=20, llm_width=64, llm_layers=2,
-                             llm_steps=100, llm_questions=2),
+                             llm_steps=100, llm_batch=64, llm_lr=0.002, llm_questions=2),
                   worlds=[0, 1], n_val=8, n_pairs=[16], seeds=[0, 1], pformer=10, stage1=8, stage2=10,
                   args=["--log_interval=2", "--eval_interval=5", "--batch_size=8"],
                   scorers="['CIDEr']", diag=dict(steps=[5], text_scenes=[50], old_llm_steps=40)),
