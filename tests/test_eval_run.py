@@ -189,18 +189,22 @@ def test_question_without_image(world, tmp_path):
         E.run(cfg)
     # skipped on request: counted as skipped and as missing, and left out of the accuracy
     metrics = E.run({**cfg, "skip_missing_images": True, "limit": 0, "num_beams": 1})
-    assert metrics["skipped_no_image"] == 1 and metrics["missing"] == 1 and metrics["scored"] == 4
+    assert metrics["skipped_missing_file"] == 1 and metrics["missing"] == 1 and metrics["scored"] == 4
     assert not os.path.exists(missing)
-    # an image that exists but cannot be decoded: an error naming it
+    # an image that exists but cannot be decoded: skipped with a warning naming it and counted (as in training), or
+    # with strict_images an error naming it
     broken = tmp_path / "images"
     shutil.copytree(world.images, broken)
     (broken / "val_00033.jpg").write_bytes(b"not a jpeg")
+    with pytest.warns(UserWarning, match=r"cannot read .*val_00033\.jpg"):
+        metrics = E.run({**cfg, "image_root": str(broken), "skip_missing_images": True, "num_beams": 1})
+    assert metrics["skipped_unreadable"] == 1 and metrics["skipped_missing_file"] == 1 and metrics["scored"] == 3
     with pytest.raises(RuntimeError, match=r"cannot read .*val_00033\.jpg"):
-        E.run({**cfg, "image_root": str(broken), "skip_missing_images": True})
+        E.run({**cfg, "image_root": str(broken), "skip_missing_images": True, "strict_images": True})
     # every image missing: nothing to evaluate is an error, not a ZeroDivisionError or a BLEU of 0
-    with pytest.raises(FileNotFoundError, match=r"nothing to evaluate: the image of every one of the 5 questions"):
+    with pytest.raises(FileNotFoundError, match=r"nothing to evaluate: the image file of every one of the 5 quest"):
         E.run({**cfg, "image_root": str(tmp_path / "nowhere"), "skip_missing_images": True})
-    with pytest.raises(FileNotFoundError, match=r"nothing to evaluate: the image of every one of the 8 images"):
+    with pytest.raises(FileNotFoundError, match=r"nothing to evaluate: the image file of every one of the 8 images"):
         E.run(config(tmp_path, task="caption", ckpt=world.ckpt2, ann_file=world.val, skip_missing_images=True,
                      image_root=str(tmp_path / "nowhere")))
 
