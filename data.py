@@ -157,7 +157,7 @@ def upright(frame):
     """A decoded frame as a PIL image the way players show it: turned by the video's display rotation (a phone
     stores a portrait clip as landscape frames plus "rotate 90"), which FFmpeg's player applies and PyAV does not."""
     image = frame.to_image()
-    turn = round(frame.rotation / 90) * 90 % 360
+    turn = round(getattr(frame, "rotation", 0) / 90) * 90 % 360  # an old PyAV without it: frames as stored
     return image.transpose(_TURNS[turn]) if turn else image
 
 

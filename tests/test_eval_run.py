@@ -1,6 +1,7 @@
 """eval.py end to end on the tiny world of world.py: checkpoints of untrained stage-1 / stage-2 models saved as the
 training scripts save them, and tiny Hugging Face BLIP-2 directories."""
 
+import errno
 import json
 import os
 import shutil
@@ -207,6 +208,21 @@ def test_question_without_image(world, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nothing to evaluate: the image file of every one of the 8 images"):
         E.run(config(tmp_path, task="caption", ckpt=world.ckpt2, ann_file=world.val, skip_missing_images=True,
                      image_root=str(tmp_path / "nowhere")))
+
+
+def test_a_full_disk_keeps_the_answers(world, tmp_path, monkeypatch):
+    """The answers are written to the progress file as they come; a full disk when the results are written is one
+    line naming the file, leaves no temporary file, and the answers stay in the progress file."""
+    def full_disk(obj, f, **kwargs):
+        f.write("[{")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(M.json, "dump", full_disk)
+    with pytest.raises(OSError, match=r"no space left on device writing .*vqav2_answers\.json$"):
+        E.run(vqav2_config(world, tmp_path, ckpt=world.ckpt2, num_beams=1, batch_size=3))
+    assert os.listdir(tmp_path / "out") == ["vqav2_progress.rank0.jsonl"]
+    with open(tmp_path / "out" / "vqav2_progress.rank0.jsonl") as f:
+        kept = [json.loads(line) for line in f]
+    assert [k["question_id"] for k in kept] == [1, 2, 3, 4] and all(isinstance(k["text"], str) for k in kept)
 
 
 def test_missing_annotation_files_and_bad_models(world, tmp_path):
