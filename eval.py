@@ -233,7 +233,7 @@ def media_loader(paths, model, cfg, strict):
                       collate_fn=collate_readable)
 
 
-def drop_missing_images(items, cfg, key, what, features=False, skippable=True):
+def drop_missing_files(items, cfg, key, what, features=False, skippable=True):
     """Split items by whether their image / video / feature file exists. A missing one is an error naming it, or
     with cfg skip_missing_images a printed skip that the caller counts; nothing left to evaluate is an error.
     Returns (kept, skipped)."""
@@ -320,7 +320,8 @@ def generate_all(model, items, key, prompts, family, cfg, rank=0, world_size=1):
 
 def finish(predictions, what, cfg, world_size, write):
     """On rank 0, after the results are gathered: the readable predictions ({key: text}) and the count of unreadable
-    files (named in a warning as they were met). write() writes the results file; then the progress files go."""
+    files (each named in a warning when it was met). write(predictions) writes the results file; once it is
+    written, the progress files go."""
     unreadable = [k for k, v in predictions.items() if v is None]
     if unreadable:
         print(f"skipped {len(unreadable)} {what}s whose file could not be read (scored as missing), "
@@ -364,7 +365,8 @@ def eval_caption(model, items, skipped, cfg, rank=0, world_size=1):
     def write(captions):
         M.write_coco_results(os.path.join(cfg["out_dir"], f"{cfg['task']}_captions.json"),
                              {it["image_id"]: captions[it["image_id"]] for it in items if it["image_id"] in captions})
-    predictions, unreadable = finish(predictions, "image", cfg, world_size, write)
+    what = "video" if cfg["task"] in VIDEO_TASKS else "image"
+    predictions, unreadable = finish(predictions, what, cfg, world_size, write)
     metrics = M.caption_metrics(predictions, {it["image_id"]: it["captions"] for it in items + skipped},
                                 cfg["caption_scorers"])
     return {**metrics, "skipped_unreadable": unreadable} if unreadable else metrics
@@ -506,7 +508,7 @@ def load_task(cfg):
     if family == "retrieval":
         data = M.load_retrieval_limited(cfg["ann_file"], cfg["limit"])
         # a missing image would change the candidate set itself: always an error
-        drop_missing_images([{"image": p} for p in data[0]], cfg, "image", "image", skippable=False)
+        drop_missing_files([{"image": p} for p in data[0]], cfg, "image", "image", skippable=False)
         return data, []
     if family == "vqa":
         items = M.load_vqa_task(task, cfg["ann_file"], cfg["answers_file"], cfg["image_pattern"])
@@ -515,7 +517,7 @@ def load_task(cfg):
     items = items[:cfg["limit"]] if cfg["limit"] else items
     key, what = ("question_id", "question") if family == "vqa" else \
         ("image_id", "video" if task in VIDEO_TASKS else "image")
-    return drop_missing_images(items, cfg, key, what, reads_features(cfg))
+    return drop_missing_files(items, cfg, key, what, reads_features(cfg))
 
 
 def run(cfg):

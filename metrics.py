@@ -633,10 +633,13 @@ def load_video_captions(path):
         image_id = e.get("image_id", video)
         image_id = int(image_id) if re.fullmatch(r"-?\d+", str(image_id)) else image_id
         if ids.setdefault(video, image_id) != image_id:
-            raise ValueError(f"{path}: entry {i} gives {video} the image_id {image_id!r}, an earlier one {ids[video]!r}")
+            raise ValueError(f"{path}: entry {i} gives {video} the image_id {image_id!r}, "
+                             f"an earlier one {ids[video]!r}")
         captions.setdefault(video, []).extend(caption)
-    if len(set(ids.values())) < len(ids):
-        raise ValueError(f"{path}: two videos share an image_id (the results would mix their captions)")
+    owner = {}
+    for video, image_id in ids.items():
+        if owner.setdefault(image_id, video) != video:
+            raise ValueError(f"{path}: {owner[image_id]} and {video} share the image_id {image_id!r}")
     return [{"image_id": ids[v], "image": v, "captions": c} for v, c in captions.items()]
 
 

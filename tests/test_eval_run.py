@@ -315,6 +315,22 @@ def test_caption_loaders(tmp_path):
     generic.write_text(json.dumps([{"image": "x.jpg", "caption": ["a"]}, {"image": "x.jpg", "caption": ["b"]}]))
     with pytest.raises(ValueError, match="x.jpg appears twice"):
         M.load_caption_task("caption", str(generic))
+    # LAVIS's video files: the entries' image_id, an int when it is one, as LAVIS writes its results
+    video = tmp_path / "video.json"
+    video.write_text(json.dumps([{"video": "v1.mp4", "caption": "a", "image_id": "7010"},
+                                 {"video": "v1.mp4", "caption": "b", "image_id": 7010},
+                                 {"video": "v2.mp4", "caption": "c", "image_id": "v2"}]))
+    assert M.load_caption_task("msrvtt_caption", str(video)) == [
+        {"image_id": 7010, "image": "v1.mp4", "captions": ["a", "b"]},
+        {"image_id": "v2", "image": "v2.mp4", "captions": ["c"]}]
+    video.write_text(json.dumps([{"video": "v1.mp4", "caption": "a", "image_id": 1},
+                                 {"video": "v1.mp4", "caption": "b", "image_id": 2}]))
+    with pytest.raises(ValueError, match="entry 1 gives v1.mp4 the image_id 2, an earlier one 1"):
+        M.load_caption_task("msrvtt_caption", str(video))
+    video.write_text(json.dumps([{"video": "v1.mp4", "caption": "a", "image_id": 1},
+                                 {"video": "v2.mp4", "caption": "b", "image_id": "1"}]))
+    with pytest.raises(ValueError, match="v1.mp4 and v2.mp4 share the image_id 1"):
+        M.load_caption_task("msrvtt_caption", str(video))
 
 
 # ---------------------------------------------------------------- retrieval

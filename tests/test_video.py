@@ -339,8 +339,9 @@ def test_eval_on_real_video_files(tiny_world, tmp_path):
     painted_video(videos / "good.mp4", 6, size=32)
     rotated = marked_video(videos / "phone.mp4", -90, n=6)
     (videos / "corrupt.mp4").write_bytes(open(rotated, "rb").read()[:200])
+    names = {"7010": "good", "7011": "phone", "7012": "corrupt"}
     caps = write_ann(tmp_path / "caps.json", [{"video": f"{name}.mp4", "caption": f"a {name} clip", "image_id": i}
-                                              for i, name in (("7010", "good"), ("7011", "phone"), ("7012", "corrupt"))])
+                                              for i, name in names.items()])
     cfg = eval_config(task="msrvtt_caption", ckpt=ckpt, ann_file=caps, image_root=str(videos), batch_size=1,
                       out_dir=str(tmp_path / "out"))
     with pytest.warns(UserWarning, match=r"cannot read .*corrupt\.mp4"):
