@@ -481,3 +481,4 @@ def test_torchrun_two_ranks_match_one_process(world, tmp_path):
         assert json.load(f1) == json.load(f2)
     with open(tmp_path / "two" / "vqav2_metrics.json") as f:
         assert json.load(f)["metrics"] == one
+    assert sorted(os.listdir(tmp_path / "two")) == ["vqav2_answers.json", "vqav2_metrics.json"]  # progress files gone
