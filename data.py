@@ -141,12 +141,24 @@ def decode_frames(source, num_frames, sampling="uniform", rng=None):
         frames, keep = {}, set(wanted)
         for index, frame in enumerate(container.decode(stream)):
             if index in keep:
-                frames[index] = frame.to_image()
+                frames[index] = upright(frame)
             if index >= wanted[-1]:
                 break
     if len(frames) < len(wanted):
         raise ValueError(f"only {len(frames)} of the {len(wanted)} frames wanted could be decoded (truncated?)")
     return [frames[i] for i in wanted]
+
+
+# PIL's turns, counter-clockwise as FFmpeg's display rotation is
+_TURNS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
+
+
+def upright(frame):
+    """A decoded frame as a PIL image the way players show it: turned by the video's display rotation (a phone
+    stores a portrait clip as landscape frames plus "rotate 90"), which FFmpeg's player applies and PyAV does not."""
+    image = frame.to_image()
+    turn = round(getattr(frame, "rotation", 0) / 90) * 90 % 360  # an old PyAV without it: frames as stored
+    return image.transpose(_TURNS[turn]) if turn else image
 
 
 class ClipTransform:

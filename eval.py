@@ -10,7 +10,9 @@ image-text retrieval (COCO 5k, Flickr30k 1k, ITC top-k re-ranked by ITM). The sc
         --image_root=data/world/images --device=cpu      # any LAVIS-style caption file
 
 Under torchrun every rank takes every world_size-th question / image / retrieval query; rank 0 gathers the results,
-computes the metrics, prints them and writes them (answers, captions, metrics) to out_dir.
+computes the metrics, prints them and writes them (answers, captions, metrics) to out_dir. While it runs, each rank
+writes the answers / captions it has generated to out_dir/<task>_progress.rank<r>.jsonl, batch by batch: a run
+stopped half-way (an unreadable video with strict_images, a full disk, a signal) keeps them there.
 """
 import json
 import os
@@ -25,7 +27,7 @@ from tqdm import tqdm
 import metrics as M
 import train_common as tc
 from configurator import apply_overrides, config_snapshot
-from data import ClipTransform, clean_caption, decode_frames, eval_transform, load_clip_features, pad_clip
+from data import ClipTransform, _unreadable, clean_caption, decode_frames, eval_transform, load_clip_features, pad_clip
 from distributed import cleanup_distributed, gather_objects, is_master, setup_distributed
 from model import Blip2Stage1, Blip2Stage2, from_checkpoint
 
@@ -42,9 +44,12 @@ hf_dtype = ""  # frozen ViT / LLM weights of an HF model; '' = float32 on CPU, f
 # data: '' = the task's default in TASK_DATA
 ann_file = ""  # VQAv2 / OK-VQA questions, GQA questions, or the caption / retrieval / generic annotation file
 answers_file = ""  # VQAv2 / OK-VQA: the annotations file with the answers
-image_root = ""  # images, videos, or clip features (.npy), as the model reads
+image_root = ""  # images, videos, or clip features (name.npy for the annotations' name.mp4), as the model reads
 image_pattern = ""  # VQAv2 / OK-VQA / GQA: the image file name from the image id
-skip_missing_images = False  # False: a missing image file stops the run, naming it; True: skipped and counted
+skip_missing_images = False  # False: a missing image / video file stops the run at start, naming it; True: skipped
+#                              and counted (scored as missing)
+strict_images = False  # False: an image / video that cannot be decoded is skipped with a warning naming it and
+#                        counted (scored as missing), as in training and LAVIS; True: it stops the run
 limit = 0  # evaluate only the first `limit` questions / images (quick checks); 0 = all
 # generation (VQA and captioning); None = the task's default (BLIP-2 paper, section 4)
 prompt = None  # VQA: a template with {} for the question; captioning: None = the model's config prompt
@@ -148,12 +153,34 @@ def generation_kwargs(cfg, family, model):
 # images, sharding, progress
 
 
+def reads_features(cfg):
+    """Whether the model of a video task reads clip features (name.npy) in place of the videos: its config's
+    feature_dim, read before the model is built so that a missing file is reported at once (the checkpoint is
+    memory-mapped: its weights are not read). A Hugging Face BLIP-2 reads videos."""
+    if cfg["task"] not in VIDEO_TASKS:
+        return False
+    config = {}
+    if cfg["ckpt"] and os.path.isfile(cfg["ckpt"]):
+        try:
+            config = torch.load(cfg["ckpt"], map_location="cpu", weights_only=True, mmap=True).get("config") or {}
+        except Exception:  # not a readable checkpoint: load_model says why
+            pass
+    return {**config, **(cfg["model_overrides"] or {})}.get("feature_dim", 0) > 0
+
+
+def media_path(cfg, name, features):
+    """The file the model reads for an annotation's image / video `name`: name.npy for a clip-feature model."""
+    path = os.path.join(cfg["image_root"], name)
+    return os.path.splitext(path)[0] + ".npy" if features else path
+
+
 class MediaFiles(Dataset):
     """(media, frame mask, index) for a list of files: eval-transformed images, clips of num_frames frames sampled
-    uniformly (videos), or clip features (.npy), as the model reads; an unreadable file is an error naming it."""
+    uniformly (videos), or clip features (.npy), as the model reads. A file that cannot be read gives (None, None,
+    index) after a warning naming it (the caller skips and counts it), or with strict an error naming it."""
 
-    def __init__(self, paths, image_size, num_frames=0, features=False):
-        self.paths, self.num_frames, self.features = list(paths), num_frames, features
+    def __init__(self, paths, image_size, num_frames=0, features=False, strict=False):
+        self.paths, self.num_frames, self.features, self.strict = list(paths), num_frames, features, strict
         self.transform = ClipTransform(image_size, train=False) if num_frames else eval_transform(image_size)
 
     def __len__(self):
@@ -170,31 +197,58 @@ class MediaFiles(Dataset):
                 with Image.open(path) as img:
                     item = {"image": self.transform(img.convert("RGB")), "frame_mask": torch.ones(1, dtype=torch.long)}
         except Exception as e:  # PIL and PyAV have many exception types for broken files
-            raise RuntimeError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+            _unreadable(path, e, self.strict)
+            return None, None, i
         return item["image"], item["frame_mask"], i
 
 
-def media_loader(paths, model, cfg):
-    """The DataLoader of an evaluation's images or clips (cfg's num_frames, else the model's, for video tasks)."""
+def collate_readable(batch):
+    """(media, frame masks, indices) of the batch's readable files, and the indices of the unreadable ones."""
+    good = [b for b in batch if b[0] is not None]
+    bad = [b[2] for b in batch if b[0] is None]
+    if not good:
+        return None, None, [], bad
+    media, masks, indices = zip(*good)
+    return torch.stack(media), torch.stack(masks), list(indices), bad
+
+
+def clip_frames(model, cfg):
+    """Frames (or feature segments) per clip for a video task: cfg's num_frames, else the model's; 0 for images.
+    A clip model has a frame embedding for each of its num_frames: more frames than that is an error at start."""
+    if cfg["task"] not in VIDEO_TASKS:
+        return 0
     c = model.config
-    frames = (cfg["num_frames"] or c.num_frames) if cfg["task"] in VIDEO_TASKS else 0
-    return DataLoader(MediaFiles(paths, c.image_size, frames, features=c.feature_dim > 0),
-                      batch_size=cfg["batch_size"], shuffle=False, num_workers=cfg["num_workers"])
+    frames = cfg["num_frames"] or c.num_frames
+    if frames > c.num_frames > 1 and not cfg["per_frame"]:
+        raise ValueError(f"num_frames={frames}, but the model reads at most {c.num_frames} frames per clip (it has a "
+                         f"frame embedding for each): give num_frames={c.num_frames} or fewer")
+    return frames
 
 
-def drop_missing_images(items, image_root, key, skip, what, skippable=True):
-    """Split items by whether their image file exists. A missing one is an error naming it, or with skip=True a
-    printed skip that the caller counts; nothing left to evaluate is an error. Returns (kept, skipped)."""
-    missing = [(it[key], p) for it in items if not os.path.isfile(p := os.path.join(image_root, it["image"]))]
+def media_loader(paths, model, cfg, strict):
+    """The DataLoader of an evaluation's images or clips (see clip_frames); its batches as collate_readable's."""
+    c = model.config
+    return DataLoader(MediaFiles(paths, c.image_size, clip_frames(model, cfg), c.feature_dim > 0, strict),
+                      batch_size=cfg["batch_size"], shuffle=False, num_workers=cfg["num_workers"],
+                      collate_fn=collate_readable)
+
+
+def drop_missing_files(items, cfg, key, what, features=False, skippable=True):
+    """Split items by whether their image / video / feature file exists. A missing one is an error naming it, or
+    with cfg skip_missing_images a printed skip that the caller counts; nothing left to evaluate is an error.
+    Returns (kept, skipped)."""
+    media = "feature" if features else "video" if cfg["task"] in VIDEO_TASKS else "image"
+    missing = [(it[key], p) for it in items if not os.path.isfile(p := media_path(cfg, it["image"], features))]
+    skip = cfg["skip_missing_images"] and skippable
     if missing and not skip:
         hint = "; --skip_missing_images=True skips and counts them" if skippable else ""
-        raise FileNotFoundError(f"image file not found for {what} {missing[0][0]!r}: {missing[0][1]} "
-                                f"({len(missing)} of {len(items)} {what}s have no image file{hint})")
+        raise FileNotFoundError(f"{media} file not found for {what} {missing[0][0]!r}: {missing[0][1]} "
+                                f"({len(missing)} of {len(items)} {what}s have no {media} file{hint})")
     if missing and len(missing) == len(items):
-        raise FileNotFoundError(f"nothing to evaluate: the image of every one of the {len(items)} {what}s is "
-                                f"missing under {image_root!r}, e.g. {missing[0][1]}")
+        raise FileNotFoundError(f"nothing to evaluate: the {media} file of every one of the {len(items)} {what}s is "
+                                f"missing under {cfg['image_root']!r}, e.g. {missing[0][1]}")
     if missing and is_master():
-        print(f"skipping {len(missing)} of {len(items)} {what}s without an image file, e.g. {missing[0][1]}")
+        print(f"skipping {len(missing)} of {len(items)} {what}s without {media} file, e.g. {missing[0][1]}")
     gone = {m[0] for m in missing}
     return [it for it in items if it[key] not in gone], [it for it in items if it[key] in gone]
 
@@ -219,22 +273,65 @@ def progress(what, total, cfg):
 
 
 @torch.no_grad()
-def generate_texts(model, paths, prompts, gen_kwargs, cfg, bar=None):
-    """The text a Blip2Stage2 generates for each (image or clip, text prompt) pair, in order."""
+def generate_texts(model, paths, prompts, gen_kwargs, cfg, on_batch=None):
+    """The text a Blip2Stage2 generates for each (image or clip, text prompt) pair, in order; None for a file that
+    cannot be read (see MediaFiles). on_batch(indices, texts) after each batch, e.g. to save them."""
     if len(paths) != len(prompts):
         raise ValueError(f"{len(paths)} images but {len(prompts)} prompts")
     out = [None] * len(paths)
-    for media, frame_mask, idx in media_loader(paths, model, cfg):
-        idx, clips = idx.tolist(), media.ndim == 5 or model.config.feature_dim > 0
-        with tc.autocast_context(cfg["device"], cfg["dtype"]):
-            texts = model.generate(media.to(cfg["device"]), prompt=[prompts[i] for i in idx],
-                                   frame_mask=frame_mask.to(cfg["device"]) if clips else None,
-                                   per_frame=cfg["per_frame"], **gen_kwargs)
+    for media, frame_mask, idx, unreadable in media_loader(paths, model, cfg, cfg["strict_images"]):
+        texts = []
+        if idx:
+            clips = media.ndim == 5 or model.config.feature_dim > 0
+            with tc.autocast_context(cfg["device"], cfg["dtype"]):
+                texts = model.generate(media.to(cfg["device"]), prompt=[prompts[i] for i in idx],
+                                       frame_mask=frame_mask.to(cfg["device"]) if clips else None,
+                                       per_frame=cfg["per_frame"], **gen_kwargs)
         for i, text in zip(idx, texts):
             out[i] = text
-        if bar is not None:
-            bar.update(len(idx))
+        if on_batch is not None:
+            on_batch(idx + unreadable, texts + [None] * len(unreadable))
     return out
+
+
+def progress_file(cfg, rank):
+    return os.path.join(cfg["out_dir"], f"{cfg['task']}_progress.rank{rank}.jsonl")
+
+
+def generate_all(model, items, key, prompts, family, cfg, rank=0, world_size=1):
+    """{item[key]: generated text, None for an unreadable image / video} of all the items, gathered from the ranks:
+    each takes every world_size-th item and appends each batch's texts to its progress file as they come."""
+    mine = list(range(rank, len(items), world_size))
+    path = progress_file(cfg, rank)
+    with open(path, "w", encoding="utf-8") as log, \
+            progress(f"{cfg['task']} (rank {rank} of {world_size})", len(mine), cfg) as bar:
+        def save(indices, texts):
+            try:
+                log.writelines(json.dumps({key: items[mine[i]][key], "text": t}) + "\n" for i, t in zip(indices, texts))
+                log.flush()
+            except OSError as e:
+                raise M.disk_full_error(e, path)
+            bar.update(len(indices))
+
+        texts = generate_texts(model, [media_path(cfg, items[j]["image"], model.config.feature_dim > 0) for j in mine],
+                               [prompts[j] for j in mine], generation_kwargs(cfg, family, model), cfg, save)
+    return merge_predictions(gather_objects([(items[j][key], t) for j, t in zip(mine, texts)]))
+
+
+def finish(predictions, what, cfg, world_size, write):
+    """On rank 0, after the results are gathered: the readable predictions ({key: text}) and the count of unreadable
+    files (each named in a warning when it was met). write(predictions) writes the results file; once it is
+    written, the progress files go."""
+    unreadable = [k for k, v in predictions.items() if v is None]
+    if unreadable:
+        print(f"skipped {len(unreadable)} {what}s whose file could not be read (scored as missing), "
+              f"e.g. {unreadable[0]!r}")
+    predictions = {k: v for k, v in predictions.items() if v is not None}
+    write(predictions)
+    for r in range(world_size):
+        if os.path.exists(progress_file(cfg, r)):
+            os.remove(progress_file(cfg, r))
+    return predictions, len(unreadable)
 
 
 def eval_vqa(model, questions, skipped, cfg, rank=0, world_size=1):
@@ -242,45 +339,37 @@ def eval_vqa(model, questions, skipped, cfg, rank=0, world_size=1):
     template = VQA_PROMPT if cfg["prompt"] is None else cfg["prompt"]
     if "{}" not in template:
         raise ValueError(f"VQA prompt {template!r} has no {{}} for the question")
-    mine = questions[rank::world_size]
-    with progress(f"{cfg['task']} (rank {rank} of {world_size})", len(mine), cfg) as bar:
-        answers = generate_texts(model, [os.path.join(cfg["image_root"], q["image"]) for q in mine],
-                                 [template.format(M.clean_question(q["question"])) for q in mine],
-                                 generation_kwargs(cfg, "vqa", model), cfg, bar)
-    predictions = merge_predictions(gather_objects([(q["question_id"], a) for q, a in zip(mine, answers)]))
+    prompts = [template.format(M.clean_question(q["question"])) for q in questions]
+    predictions = generate_all(model, questions, "question_id", prompts, "vqa", cfg, rank, world_size)
     if rank != 0:
         return None
+
+    def write(answers):
+        M.write_json(os.path.join(cfg["out_dir"], f"{cfg['task']}_answers.json"),
+                     [{"question_id": q["question_id"], "answer": answers[q["question_id"]]}
+                      for q in questions if q["question_id"] in answers], indent=1)
+    predictions, unreadable = finish(predictions, "question", cfg, world_size, write)
     score = {"vqav2": M.vqa_scores, "okvqa": M.vqa_scores, "gqa": M.gqa_scores}.get(cfg["task"],
                                                                                    M.generic_vqa_scores)
     metrics = score(predictions, questions + skipped)  # skipped questions count as "missing"
-    write_json(os.path.join(cfg["out_dir"], f"{cfg['task']}_answers.json"),
-               [{"question_id": q["question_id"], "answer": predictions[q["question_id"]]}
-                for q in questions if q["question_id"] in predictions])
-    return metrics
+    return {**metrics, "skipped_unreadable": unreadable} if unreadable else metrics
 
 
 def eval_caption(model, items, skipped, cfg, rank=0, world_size=1):
     """Captions for this rank's share of the images; on rank 0 the metrics of all (None elsewhere)."""
     prompt = model.config.prompt if cfg["prompt"] is None else cfg["prompt"]
-    mine = items[rank::world_size]
-    with progress(f"{cfg['task']} (rank {rank} of {world_size})", len(mine), cfg) as bar:
-        captions = generate_texts(model, [os.path.join(cfg["image_root"], it["image"]) for it in mine],
-                                  [prompt] * len(mine), generation_kwargs(cfg, "caption", model), cfg, bar)
-    predictions = merge_predictions(gather_objects([(it["image_id"], c) for it, c in zip(mine, captions)]))
+    predictions = generate_all(model, items, "image_id", [prompt] * len(items), "caption", cfg, rank, world_size)
     if rank != 0:
         return None
+
+    def write(captions):
+        M.write_coco_results(os.path.join(cfg["out_dir"], f"{cfg['task']}_captions.json"),
+                             {it["image_id"]: captions[it["image_id"]] for it in items if it["image_id"] in captions})
+    what = "video" if cfg["task"] in VIDEO_TASKS else "image"
+    predictions, unreadable = finish(predictions, what, cfg, world_size, write)
     metrics = M.caption_metrics(predictions, {it["image_id"]: it["captions"] for it in items + skipped},
                                 cfg["caption_scorers"])
-    M.write_coco_results(os.path.join(cfg["out_dir"], f"{cfg['task']}_captions.json"),
-                         {it["image_id"]: predictions[it["image_id"]] for it in items if it["image_id"] in predictions})
-    return metrics
-
-
-def write_json(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    return {**metrics, "skipped_unreadable": unreadable} if unreadable else metrics
 
 # -----------------------------------------------------------------------------
 # retrieval: ITC for all pairs, ITM re-ranking of the top k
@@ -306,7 +395,8 @@ def retrieval_features(model, image_paths, texts, cfg):
     embeds, image_feats = [], []
     store = torch.float32 if dtype == "float32" or not device.startswith("cuda") else tc.DTYPES[dtype]
     with progress("image features", len(image_paths), cfg) as bar:
-        for images, _, _ in media_loader(image_paths, model, cfg):
+        # an unreadable image would change the candidate set: an error, never a skip
+        for images, _, _, _ in media_loader(image_paths, model, cfg, strict=True):
             with tc.autocast_context(device, dtype):
                 e = model.image_embeds(images.to(device))[0]
                 f = model.image_feats(model.qformer.encode_queries(e)[0])
@@ -410,7 +500,7 @@ def eval_retrieval(model, data, cfg, rank=0, world_size=1):
 
 def load_task(cfg):
     """The task's items, loaded and checked before the model (a wrong path fails before minutes of model loading):
-    (items, items skipped for a missing image) for VQA and captioning, (data, []) for retrieval."""
+    (items, items skipped for a missing file) for VQA and captioning, (data, []) for retrieval."""
     task = cfg["task"]
     if not cfg["ann_file"]:
         raise ValueError(f"task={task} needs ann_file (the annotation JSON)")
@@ -418,16 +508,16 @@ def load_task(cfg):
     if family == "retrieval":
         data = M.load_retrieval_limited(cfg["ann_file"], cfg["limit"])
         # a missing image would change the candidate set itself: always an error
-        drop_missing_images([{"image": p} for p in data[0]], cfg["image_root"], "image", False, "image",
-                            skippable=False)
+        drop_missing_files([{"image": p} for p in data[0]], cfg, "image", "image", skippable=False)
         return data, []
     if family == "vqa":
         items = M.load_vqa_task(task, cfg["ann_file"], cfg["answers_file"], cfg["image_pattern"])
     else:
         items = M.load_caption_task(task, cfg["ann_file"])
     items = items[:cfg["limit"]] if cfg["limit"] else items
-    key, what = ("question_id", "question") if family == "vqa" else ("image_id", "image")
-    return drop_missing_images(items, cfg["image_root"], key, cfg["skip_missing_images"], what)
+    key, what = ("question_id", "question") if family == "vqa" else \
+        ("image_id", "video" if task in VIDEO_TASKS else "image")
+    return drop_missing_files(items, cfg, key, what, reads_features(cfg))
 
 
 def run(cfg):
@@ -447,8 +537,9 @@ def run(cfg):
     if not isinstance(model, wanted):
         raise ValueError(f"task={task} needs a {'stage-1' if family == 'retrieval' else 'stage-2'} model, "
                          f"{source} is a {type(model).__name__}")
+    clip_frames(model, cfg)  # too many frames: an error now, not after the first batch
+    os.makedirs(cfg["out_dir"], exist_ok=True)  # every rank writes its progress file there
     if d.master:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
         print(f"{task}: {source} on {d.world_size} process(es), {cfg['ann_file']}")
     cfg["device"] = d.device
     t0 = time.time()
@@ -460,10 +551,10 @@ def run(cfg):
     if not d.master:
         return None
     if skipped:
-        metrics["skipped_no_image"] = len(skipped)
+        metrics["skipped_missing_file"] = len(skipped)
     M.print_table(f"{task}: {source} ({time.time() - t0:.0f}s)", metrics)
-    write_json(os.path.join(cfg["out_dir"], f"{task}_metrics.json"),
-               {"task": task, "source": source, "metrics": metrics, "config": cfg})
+    M.write_json(os.path.join(cfg["out_dir"], f"{task}_metrics.json"),
+                 {"task": task, "source": source, "metrics": metrics, "config": cfg}, indent=1)
     return metrics
 
 

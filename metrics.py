@@ -5,6 +5,7 @@ VQA answer normalisation and accuracy as the official VQAv2 evaluation computes 
 pycocoevalcap (BLEU, METEOR, ROUGE-L, CIDEr, SPICE), and image-text retrieval recall with ITM re-ranking.
 """
 
+import errno
 import json
 import os
 import re
@@ -435,10 +436,30 @@ def caption_metrics(predictions, references, scorers=CAPTION_SCORERS):
 
 def write_coco_results(path, predictions):
     """Write {image_id: caption} as a COCO results file [{"image_id", "caption"}], atomically."""
+    write_json(path, [{"image_id": i, "caption": c} for i, c in predictions.items()])
+
+
+def write_json(path, obj, indent=None):
+    """Write obj as JSON atomically: a temporary file, then a rename, so that a crash or a full disk mid-write never
+    leaves a truncated file behind, nor the temporary one."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump([{"image_id": i, "caption": c} for i, c in predictions.items()], f)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated results file behind
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=indent)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise disk_full_error(e, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def disk_full_error(err, path):
+    """The OSError to raise for err met while writing path: for a full disk one that says so and names the path
+    (the OS's own message names neither the cause in words a user searches for nor the file), else err itself."""
+    if err.errno == errno.ENOSPC:
+        return OSError(errno.ENOSPC, f"no space left on device writing {path}")
+    return err
 
 
 # -----------------------------------------------------------------------------
@@ -594,12 +615,13 @@ def load_caption_task(task, ann_path):
 
 def load_video_captions(path):
     """LAVIS's video caption files (MSRVTT, MSVD, VATEX): a list of {"video": "name.mp4", "caption": str or [str],
-    ...}, one entry per caption or per video. Returns [{image_id: the video, image: the video, captions}], one per
-    video in the file's order (eval.py reads "image" as the media file)."""
+    "image_id": ...}, one entry per caption or per video. Returns [{image_id, image: the video, captions}], one per
+    video in the file's order (eval.py reads "image" as the media file). image_id is the entry's, as LAVIS writes it
+    in its results (an int when it is one, "7010" included), or the video's name in files without one."""
     data = _read_json(path)
     if not isinstance(data, list) or not data:
         raise ValueError(f"{path}: expected a non-empty list of {{video, caption}}")
-    captions = {}
+    captions, ids = {}, {}
     for i, e in enumerate(data):
         try:
             video, caption = e["video"], e["caption"]
@@ -608,8 +630,17 @@ def load_video_captions(path):
         caption = [caption] if isinstance(caption, str) else caption
         if not caption or not all(isinstance(c, str) and c.strip() for c in caption):
             raise ValueError(f"{path}: entry {i} ({video}) has an empty caption")
+        image_id = e.get("image_id", video)
+        image_id = int(image_id) if re.fullmatch(r"-?\d+", str(image_id)) else image_id
+        if ids.setdefault(video, image_id) != image_id:
+            raise ValueError(f"{path}: entry {i} gives {video} the image_id {image_id!r}, "
+                             f"an earlier one {ids[video]!r}")
         captions.setdefault(video, []).extend(caption)
-    return [{"image_id": v, "image": v, "captions": c} for v, c in captions.items()]
+    owner = {}
+    for video, image_id in ids.items():
+        if owner.setdefault(image_id, video) != video:
+            raise ValueError(f"{path}: {owner[image_id]} and {video} share the image_id {image_id!r}")
+    return [{"image_id": ids[v], "image": v, "captions": c} for v, c in captions.items()]
 
 
 def load_video_qa(path):

@@ -1,6 +1,7 @@
 """eval.py end to end on the tiny world of world.py: checkpoints of untrained stage-1 / stage-2 models saved as the
 training scripts save them, and tiny Hugging Face BLIP-2 directories."""
 
+import errno
 import json
 import os
 import shutil
@@ -189,20 +190,39 @@ def test_question_without_image(world, tmp_path):
         E.run(cfg)
     # skipped on request: counted as skipped and as missing, and left out of the accuracy
     metrics = E.run({**cfg, "skip_missing_images": True, "limit": 0, "num_beams": 1})
-    assert metrics["skipped_no_image"] == 1 and metrics["missing"] == 1 and metrics["scored"] == 4
+    assert metrics["skipped_missing_file"] == 1 and metrics["missing"] == 1 and metrics["scored"] == 4
     assert not os.path.exists(missing)
-    # an image that exists but cannot be decoded: an error naming it
+    # an image that exists but cannot be decoded: skipped with a warning naming it and counted (as in training), or
+    # with strict_images an error naming it
     broken = tmp_path / "images"
     shutil.copytree(world.images, broken)
     (broken / "val_00033.jpg").write_bytes(b"not a jpeg")
+    with pytest.warns(UserWarning, match=r"cannot read .*val_00033\.jpg"):
+        metrics = E.run({**cfg, "image_root": str(broken), "skip_missing_images": True, "num_beams": 1})
+    assert metrics["skipped_unreadable"] == 1 and metrics["skipped_missing_file"] == 1 and metrics["scored"] == 3
     with pytest.raises(RuntimeError, match=r"cannot read .*val_00033\.jpg"):
-        E.run({**cfg, "image_root": str(broken), "skip_missing_images": True})
+        E.run({**cfg, "image_root": str(broken), "skip_missing_images": True, "strict_images": True})
     # every image missing: nothing to evaluate is an error, not a ZeroDivisionError or a BLEU of 0
-    with pytest.raises(FileNotFoundError, match=r"nothing to evaluate: the image of every one of the 5 questions"):
+    with pytest.raises(FileNotFoundError, match=r"nothing to evaluate: the image file of every one of the 5 quest"):
         E.run({**cfg, "image_root": str(tmp_path / "nowhere"), "skip_missing_images": True})
-    with pytest.raises(FileNotFoundError, match=r"nothing to evaluate: the image of every one of the 8 images"):
+    with pytest.raises(FileNotFoundError, match=r"nothing to evaluate: the image file of every one of the 8 images"):
         E.run(config(tmp_path, task="caption", ckpt=world.ckpt2, ann_file=world.val, skip_missing_images=True,
                      image_root=str(tmp_path / "nowhere")))
+
+
+def test_a_full_disk_keeps_the_answers(world, tmp_path, monkeypatch):
+    """The answers are written to the progress file as they come; a full disk when the results are written is one
+    line naming the file, leaves no temporary file, and the answers stay in the progress file."""
+    def full_disk(obj, f, **kwargs):
+        f.write("[{")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(M.json, "dump", full_disk)
+    with pytest.raises(OSError, match=r"no space left on device writing .*vqav2_answers\.json$"):
+        E.run(vqav2_config(world, tmp_path, ckpt=world.ckpt2, num_beams=1, batch_size=3))
+    assert os.listdir(tmp_path / "out") == ["vqav2_progress.rank0.jsonl"]
+    with open(tmp_path / "out" / "vqav2_progress.rank0.jsonl") as f:
+        kept = [json.loads(line) for line in f]
+    assert [k["question_id"] for k in kept] == [1, 2, 3, 4] and all(isinstance(k["text"], str) for k in kept)
 
 
 def test_missing_annotation_files_and_bad_models(world, tmp_path):
@@ -295,6 +315,22 @@ def test_caption_loaders(tmp_path):
     generic.write_text(json.dumps([{"image": "x.jpg", "caption": ["a"]}, {"image": "x.jpg", "caption": ["b"]}]))
     with pytest.raises(ValueError, match="x.jpg appears twice"):
         M.load_caption_task("caption", str(generic))
+    # LAVIS's video files: the entries' image_id, an int when it is one, as LAVIS writes its results
+    video = tmp_path / "video.json"
+    video.write_text(json.dumps([{"video": "v1.mp4", "caption": "a", "image_id": "7010"},
+                                 {"video": "v1.mp4", "caption": "b", "image_id": 7010},
+                                 {"video": "v2.mp4", "caption": "c", "image_id": "v2"}]))
+    assert M.load_caption_task("msrvtt_caption", str(video)) == [
+        {"image_id": 7010, "image": "v1.mp4", "captions": ["a", "b"]},
+        {"image_id": "v2", "image": "v2.mp4", "captions": ["c"]}]
+    video.write_text(json.dumps([{"video": "v1.mp4", "caption": "a", "image_id": 1},
+                                 {"video": "v1.mp4", "caption": "b", "image_id": 2}]))
+    with pytest.raises(ValueError, match="entry 1 gives v1.mp4 the image_id 2, an earlier one 1"):
+        M.load_caption_task("msrvtt_caption", str(video))
+    video.write_text(json.dumps([{"video": "v1.mp4", "caption": "a", "image_id": 1},
+                                 {"video": "v2.mp4", "caption": "b", "image_id": "1"}]))
+    with pytest.raises(ValueError, match="v1.mp4 and v2.mp4 share the image_id 1"):
+        M.load_caption_task("msrvtt_caption", str(video))
 
 
 # ---------------------------------------------------------------- retrieval
@@ -445,3 +481,4 @@ def test_torchrun_two_ranks_match_one_process(world, tmp_path):
         assert json.load(f1) == json.load(f2)
     with open(tmp_path / "two" / "vqav2_metrics.json") as f:
         assert json.load(f)["metrics"] == one
+    assert sorted(os.listdir(tmp_path / "two")) == ["vqav2_answers.json", "vqav2_metrics.json"]  # progress files gone

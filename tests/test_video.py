@@ -3,6 +3,7 @@ embedding makes order matter, padded frames and padded feature segments change n
 frames sampled, and bad videos are skipped and counted (or stop the run with strict)."""
 
 import json
+import os
 import random
 import warnings
 
@@ -169,6 +170,41 @@ def test_decoding_returns_exactly_the_sampled_frames(tmp_path):
     assert item["frame_mask"].tolist() == [1, 1, 1, 0, 0] and item["image"][:, 0, 0, 0].tolist() == [0, 1, 2, 2, 2]
 
 
+def marked_video(path, rotation, n=3):
+    """An mp4 of n landscape frames (32 x 16) with a white top-left corner, stored with a display rotation (degrees
+    counter-clockwise, as FFmpeg and PyAV count it), as a phone stores a portrait clip."""
+    import av
+
+    frame = np.zeros((16, 32, 3), np.uint8)
+    frame[:8, :8] = 255
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 32, 16, "yuv420p"
+        if hasattr(stream, "set_display_rotation"):  # PyAV 18; test_frames_are_turned_... skips without it
+            stream.set_display_rotation(rotation)
+        for _ in range(n):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return str(path)
+
+
+def test_frames_are_turned_as_the_display_rotation_says(tmp_path):
+    import av
+
+    if not hasattr(av.video.stream.VideoStream, "set_display_rotation"):
+        pytest.skip("this PyAV cannot write a display rotation")
+
+    def white_corners(frame):  # top-left, top-right, bottom-left, bottom-right
+        a = np.asarray(frame).mean(2) > 128
+        return [bool(a[:4, :4].all()), bool(a[:4, -4:].all()), bool(a[-4:, :4].all()), bool(a[-4:, -4:].all())]
+
+    # a phone's "rotate 90" (90 clockwise, -90 counted counter-clockwise): the top-left corner ends top-right
+    for rotation, size, corners in [(0, (32, 16), [1, 0, 0, 0]), (-90, (16, 32), [0, 1, 0, 0]),
+                                    (90, (16, 32), [0, 0, 1, 0]), (180, (32, 16), [0, 0, 0, 1])]:
+        frames = decode_frames(marked_video(tmp_path / f"r{rotation}.mp4", rotation), 2)
+        assert [(f.size, white_corners(f)) for f in frames] == [(size, [bool(c) for c in corners])] * 2, rotation
+
+
 def write_ann(path, entries):
     path.write_text(json.dumps(entries))
     return str(path)
@@ -238,22 +274,36 @@ def test_clips_in_tar_shards(tmp_path):
     assert items[0]["image"].shape == (4, 3, 16, 16) and items[0]["frame_mask"].tolist() == [1, 1, 1, 1]
 
 
-def test_eval_on_clips(tiny_world, tmp_path):
-    """eval.py's video tasks on a clip checkpoint (captions: LAVIS's per-caption entries grouped by video; QA:
-    MSRVTT-QA's format), and an image checkpoint read per frame (InstructBLIP's way)."""
-    import eval as E
+def stage2_checkpoint(world, path, **changes):
+    """An untrained stage-2 checkpoint of config/stage2_tiny.py on the tiny world, with config changes."""
     import train_common as tc
     from model import Blip2Config
 
     ns = {}
     exec(open("config/stage2_tiny.py").read(), ns)
-    config = {k: (v.replace("data/world", tiny_world) if isinstance(v, str) else v) for k, v in ns.items()
+    config = {k: (v.replace("data/world", world) if isinstance(v, str) else v) for k, v in ns.items()
               if not k.startswith("_")}
+    config.update(changes)
+    torch.manual_seed(0)
+    model = Blip2Stage2(Blip2Config.pick(config))
+    tc.save_checkpoint(str(path), {"stage": 2, "model": tc.trainable_state_dict(model), "config": config})
+    return str(path)
+
+
+def eval_config(**changes):
+    import eval as E
+
+    return dict(E.DEFAULTS, device="cpu", dtype="float32", num_workers=0, log_every=0.0, num_beams=1,
+                max_new_tokens=4, min_new_tokens=1, caption_scorers=["BLEU", "CIDEr"], **changes)
+
+
+def test_eval_on_clips(tiny_world, tmp_path):
+    """eval.py's video tasks on a clip checkpoint (captions: LAVIS's per-caption entries grouped by video; QA:
+    MSRVTT-QA's format), and an image checkpoint read per frame (InstructBLIP's way)."""
+    import eval as E
+
     for frames in (4, 1):
-        torch.manual_seed(0)
-        model = Blip2Stage2(Blip2Config.pick({**config, "num_frames": frames}))
-        tc.save_checkpoint(str(tmp_path / f"ckpt{frames}.pt"), {"stage": 2, "model": tc.trainable_state_dict(model),
-                                                                 "config": {**config, "num_frames": frames}})
+        stage2_checkpoint(tiny_world, tmp_path / f"ckpt{frames}.pt", num_frames=frames)
     videos = tmp_path / "videos"
     videos.mkdir()
     for name in ("a", "b"):
@@ -265,8 +315,7 @@ def test_eval_on_clips(tiny_world, tmp_path):
                                            "question_id": 1},
                                           {"video": "b.mp4", "question": "how many?", "answer": "one",
                                            "question_id": 2}])
-    cfg = dict(E.DEFAULTS, device="cpu", dtype="float32", num_workers=0, image_root=str(videos), log_every=0.0,
-               num_beams=1, max_new_tokens=4, caption_scorers=["BLEU", "CIDEr"])
+    cfg = eval_config(image_root=str(videos))
     metrics = E.run({**cfg, "task": "video_caption", "ckpt": str(tmp_path / "ckpt4.pt"), "ann_file": caps,
                      "out_dir": str(tmp_path / "cap")})
     assert metrics["scored"] == 2 and "CIDEr" in metrics  # two videos, a.mp4 with two references
@@ -276,3 +325,59 @@ def test_eval_on_clips(tiny_world, tmp_path):
     metrics = E.run({**cfg, "task": "video_qa", "ckpt": str(tmp_path / "ckpt1.pt"), "ann_file": qa, "num_frames": 3,
                      "per_frame": True, "out_dir": str(tmp_path / "per_frame")})
     assert metrics["scored"] == 2
+
+
+def test_eval_on_real_video_files(tiny_world, tmp_path):
+    """A caption file over real files: a phone clip stored sideways is read upright, a corrupt mp4 is skipped with a
+    warning naming it and counted (strict_images stops, and the captions generated before it stay in the progress
+    file), results carry LAVIS's image_id; a missing video and too many frames are one-line errors at start."""
+    import eval as E
+
+    ckpt = stage2_checkpoint(tiny_world, tmp_path / "ckpt.pt", num_frames=4)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    painted_video(videos / "good.mp4", 6, size=32)
+    rotated = marked_video(videos / "phone.mp4", -90, n=6)
+    (videos / "corrupt.mp4").write_bytes(open(rotated, "rb").read()[:200])
+    names = {"7010": "good", "7011": "phone", "7012": "corrupt"}
+    caps = write_ann(tmp_path / "caps.json", [{"video": f"{name}.mp4", "caption": f"a {name} clip", "image_id": i}
+                                              for i, name in names.items()])
+    cfg = eval_config(task="msrvtt_caption", ckpt=ckpt, ann_file=caps, image_root=str(videos), batch_size=1,
+                      out_dir=str(tmp_path / "out"))
+    with pytest.warns(UserWarning, match=r"cannot read .*corrupt\.mp4"):
+        metrics = E.run(cfg)
+    assert metrics["skipped_unreadable"] == 1 and metrics["scored"] == 2 and metrics["missing"] == 1
+    out = tmp_path / "out"
+    results = json.loads((out / "msrvtt_caption_captions.json").read_text())
+    assert [r["image_id"] for r in results] == [7010, 7011]  # LAVIS: the annotation's id, an int when it is one
+    assert sorted(os.listdir(out)) == ["msrvtt_caption_captions.json", "msrvtt_caption_metrics.json"]
+    with pytest.raises(RuntimeError, match=r"cannot read .*corrupt\.mp4"):
+        E.run({**cfg, "strict_images": True})
+    kept = [json.loads(line) for line in open(out / "msrvtt_caption_progress.rank0.jsonl")]
+    assert [k["image_id"] for k in kept] == [7010, 7011] and all(isinstance(k["text"], str) for k in kept)
+    qa = write_ann(tmp_path / "qa.json", [{"video": "gone.mp4", "question": "what?", "answer": "x", "question_id": 3}])
+    with pytest.raises(FileNotFoundError, match=r"video file not found for question 3: .*gone\.mp4 \(1 of 1 questions"):
+        E.run({**cfg, "task": "msrvtt_qa", "ann_file": qa})
+    with pytest.raises(ValueError, match="num_frames=8, but the model reads at most 4 frames per clip"):
+        E.run({**cfg, "num_frames": 8})
+
+
+def test_eval_on_a_folder_of_clip_features(tiny_world, tmp_path):
+    """A clip-feature model reads name.npy for the annotations' name.mp4: no video file needs to exist, and a
+    missing feature file is named as one."""
+    import eval as E
+
+    ckpt = stage2_checkpoint(tiny_world, tmp_path / "ckpt.pt", num_frames=4, feature_dim=12)
+    features = tmp_path / "features"
+    features.mkdir()
+    rng = np.random.default_rng(0)
+    for name, segments in (("a", 3), ("b", 6)):
+        np.save(features / f"{name}.npy", rng.standard_normal((segments, 12)).astype(np.float32))
+    caps = write_ann(tmp_path / "caps.json", [{"video": "a.mp4", "caption": "a clip"},
+                                              {"video": "b.mp4", "caption": "b clip"}])
+    cfg = eval_config(task="vatex_caption", ckpt=ckpt, ann_file=caps, image_root=str(features),
+                      out_dir=str(tmp_path / "out"))
+    assert E.run(cfg)["scored"] == 2
+    (features / "b.npy").unlink()
+    with pytest.raises(FileNotFoundError, match=r"feature file not found for video 'b.mp4': .*b\.npy \(1 of 2"):
+        E.run(cfg)
