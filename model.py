@@ -289,19 +289,19 @@ class BertBridge(nn.Module):
             raise ValueError(f"bridge='bert' gives one soft prompt per feature segment: num_frames ({c.num_frames}) "
                              f"must equal num_query_tokens ({c.num_query_tokens})")
         self.dropout = c.dropout
-        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.position_embeddings = nn.Embedding(c.num_frames, c.hidden_size)  # the first S of BERT's
         self.embed_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.layers = nn.ModuleList(QFormerLayer(c, False, with_queries=False) for _ in range(c.num_layers))
         from pretrained import bert_state_dict, bert_to_bridge
 
         sd, source = bert_state_dict(c.bert)
-        load_weights(self, bert_to_bridge(sd, len(self.layers)), f"BERT weights from {source}")
+        load_weights(self, bert_to_bridge(sd, len(self.layers), c.num_frames), f"BERT weights from {source}")
         self.position_embeddings.requires_grad_(False)
         self.embed_norm.requires_grad_(False)
 
     def forward(self, x, segment_mask=None):
         """x: B x S x D, segment_mask: B x S (1 = a real segment) -> B x S x D."""
-        h = self.embed_norm(x + self.position_embeddings.weight[: x.shape[1]])
+        h = self.embed_norm(x + self.position_embeddings.weight[: x.shape[1]])  # B x S x D
         h = F.dropout(h, self.dropout, self.training)
         keys = None if segment_mask is None else segment_mask[:, None, None, :].bool()
         for layer in self.layers:

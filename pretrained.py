@@ -70,10 +70,10 @@ def _bert_layers(sd, n_layers, prefix, with_queries):
     return out
 
 
-def bert_to_bridge(sd, n_layers):
-    """A BERT state dict under model.BertBridge's names: the whole encoder, and of the embedding block the position
-    embeddings (token type 0 folded in, as BERT adds it to every position) and the LayerNorm; no word embeddings."""
-    pos = sd["embeddings.position_embeddings.weight"] + sd["embeddings.token_type_embeddings.weight"][0]
+def bert_to_bridge(sd, n_layers, n_positions):
+    """A BERT state dict under model.BertBridge's names: the whole encoder, and of the embedding block the first
+    n_positions position embeddings (token type 0 folded in, as BERT adds it everywhere) and the LayerNorm."""
+    pos = sd["embeddings.position_embeddings.weight"][:n_positions] + sd["embeddings.token_type_embeddings.weight"][0]
     return {"position_embeddings.weight": pos, "embed_norm.weight": sd["embeddings.LayerNorm.weight"],
             "embed_norm.bias": sd["embeddings.LayerNorm.bias"], **_bert_layers(sd, n_layers, "", False)}
 
