@@ -226,3 +226,53 @@ def test_pformer_dropout_option_and_llm_proj_from_blip2(bert, blip2):
     assert torch.equal(projection["bias"], hf.language_projection.bias)
     with pytest.raises(ValueError, match="cannot read llm_proj"):
         blip2_language_projection(bert)
+
+
+def test_vatex_recipe_trains_with_the_bert_bridge(bert, blip2, tmp_path):
+    """The VATEX configs, shrunk: stage 1 (alignment alone, llm_proj from the BLIP-2 checkpoint) and stage 2 (LM
+    alone) with bridge="bert" on a folder of clip features; both losses fall, and the trained stage-2 model's loss on
+    a batch is the official code's loss for the same weights."""
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    from model import from_checkpoint
+    from scripts import run_script
+
+    hf, tok, blip2_dir = blip2
+    hf.language_model.save_pretrained(tmp_path / "llm")
+    tok.save_pretrained(tmp_path / "llm")
+    pformer = trained_pformer(bert)
+    torch.save(dict(stage=0, model={f"pformer.{k}": v for k, v in pformer.state_dict().items()},
+                    config=dataclasses.asdict(pformer.config)), tmp_path / "pformer.pt")
+    rng = np.random.default_rng(0)
+    words = ["red", "blue", "square", "star", "left", "right"]
+    ann = [{"video": f"v{i}.mp4", "caption": " ".join(rng.choice(words, 3)), "image_id": i} for i in range(16)]
+    (tmp_path / "features").mkdir()
+    for i in range(16):
+        np.save(tmp_path / "features" / f"v{i}.npy", rng.standard_normal((5 + i % 4, F_DIM)).astype(np.float32))
+    (tmp_path / "train.json").write_text(json.dumps(ann))
+    common = [f"--train_ann=['{tmp_path}/train.json']", f"--train_image_roots=['{tmp_path}/features']",
+              "--val_ann=[]", f"--bert={bert}", f"--feature_dim={F_DIM}", f"--num_frames={S}",
+              f"--num_query_tokens={S}", "--hidden_size=64", "--num_layers=2", "--num_heads=4",
+              "--intermediate_size=128", "--dropout=0.0", "--max_txt_len=32", "--batch_size=8", "--max_steps=24",
+              "--lr_decay_steps=24", "--warmup_steps=2", "--lr=1e-3", "--min_lr=1e-4", "--log_interval=4",
+              "--device=cpu", "--dtype=float32", "--num_workers=0"]
+    vocab = f"--vocab_size={len(BertTokenizer.from_pretrained(bert)) + 1}"
+    run_script("train_stage1.py", "config/video_vatex_stage1_pformer.py", *common, vocab, "--embed_dim=32",
+               f"--out_dir={tmp_path}/s1", f"--pformer_ckpt={tmp_path}/pformer.pt", f"--llm_proj_init={blip2_dir}")
+    run_script("train_stage2.py", "config/video_vatex_stage2.py", *common, f"--out_dir={tmp_path}/s2",
+               f"--stage1_ckpt={tmp_path}/s1/ckpt.pt", f"--llm_model={tmp_path}/llm", "--llm_dtype=float32")
+    for stage, term, fall in (("s1", "align", 0.95), ("s2", "lm", 0.9)):  # tiny random models: slowly
+        log = [json.loads(line) for line in open(tmp_path / stage / "log.jsonl")]
+        losses = [r[term] for r in log if term in r]
+        assert losses[-1] < fall * losses[0], (stage, losses)
+    assert [r["lr"] for r in log if "lr" in r][-1] > 1e-4  # one value per epoch, never min_lr (12 epochs of 2)
+    # the trained weights through the official computation
+    model = from_checkpoint(str(tmp_path / "s2" / "ckpt.pt"), overrides={"llm_model": str(tmp_path / "llm")})
+    ours_x, mask, official_x = features(seed=1)
+    official = OfficialVideoBridge(bert, model).eval()
+    with torch.no_grad():
+        tiny.close(model(ours_x, CAPTIONS, frame_mask=mask)["loss"],
+                   official_lm_loss(model.llm.model, model.llm.tokenizer, official(official_x, mask), CAPTIONS))
