@@ -6,7 +6,8 @@ Read top to bottom:
   1. config
   2. the Q-Former (BLIP-2 section 3.1): BERT attention and feed-forward blocks, the Q-Former layer, the Q-Former
      with its 32 learned queries and its four attention regimes, BERT's LM head for ITG
-  3. the visual path shared by stages 1 and 2: frozen encoder -> ln_vision (+ a frame embedding for clips) -> queries
+  3. the visual path shared by stages 1 and 2: frozen encoder -> ln_vision (+ a frame embedding for clips) -> queries;
+     or, for clip features, the official video code's BERT-encoder bridge
   4. Blip2Stage1: ITC + ITM + ITG (BLIP-2 section 3.2)
   5. Blip2Stage2: the LM loss and generation (BLIP-2 section 3.3)
   6. P-Former (P-Former section 3): stage 0 on text alone, and the alignment loss of stages 1 and 2
@@ -43,6 +44,7 @@ class Blip2Config:
     # video: clips of num_frames frames (B x T x 3 x H x W), or pre-extracted clip features (B x S x feature_dim)
     num_frames: int = 1  # > 1: a learned frame embedding per frame (per segment for features), zero at start
     feature_dim: int = 0  # > 0: clip features of this width replace the image encoder (e.g. 1024 for I3D)
+    bridge: str = "qformer"  # or "bert" (clip features only): the official video code's BERT encoder, see BertBridge
     # Q-Former (BERT-base sizes) and its text tokenizer
     bert: str = "bert-base-uncased"  # Hugging Face BERT (name or directory): the tokenizer, and the initial weights
     num_query_tokens: int = 32
@@ -69,6 +71,7 @@ class Blip2Config:
     mask_rate: float = 0.25  # stage 0: BERT input tokens replaced by [MASK]
     align_weight: float = 10.0  # stages 1 and 2 with a P-Former: 10 in stage 1, 100 in stage 2
     align_prefix: str = ""  # text before each caption for the P-Former target ("a photo of " in the video recipe)
+    pformer_dropout: bool = False  # True: the teacher's dropout is on in training, as the official video runs leave it
 
     @classmethod
     def pick(cls, config):
@@ -268,17 +271,62 @@ def load_qformer_tokenizer(bert):
 # 3. the visual path of stages 1 and 2
 
 
+class BertBridge(nn.Module):
+    """The bridge of the official P-Former video code, one of the paper's "varied base modules": a BERT encoder run
+    over the S feature segments of a clip (after ClipFeatures' Linear(F -> D)), one output per segment, no queries.
+    BERT's embedding block is kept, frozen: it adds the position embedding of each segment's place in time (token
+    type 0 folded in) and applies its LayerNorm and dropout. The layers are the Q-Former's text path (shared-weight
+    BERT self-attention and FFN). Padded segments are hidden as keys, but their outputs are kept, as the official
+    code keeps them: they go to the LLM and to the alignment loss. Built from `bert` (the official code builds it from
+    bert-base-uncased in every stage; the frozen embedding block is not in this project's checkpoints).
+    B x S x D -> B x S x D."""
+
+    def __init__(self, c):
+        super().__init__()
+        if not c.feature_dim:
+            raise ValueError("bridge='bert' reads pre-extracted clip features: set feature_dim (e.g. 1024 for I3D)")
+        if c.num_frames != c.num_query_tokens:
+            raise ValueError(f"bridge='bert' gives one soft prompt per feature segment: num_frames ({c.num_frames}) "
+                             f"must equal num_query_tokens ({c.num_query_tokens})")
+        self.dropout = c.dropout
+        self.position_embeddings = nn.Embedding(c.num_frames, c.hidden_size)  # the first S of BERT's
+        self.embed_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.layers = nn.ModuleList(QFormerLayer(c, False, with_queries=False) for _ in range(c.num_layers))
+        from pretrained import bert_state_dict, bert_to_bridge
+
+        sd, source = bert_state_dict(c.bert)
+        load_weights(self, bert_to_bridge(sd, len(self.layers), c.num_frames), f"BERT weights from {source}")
+        self.position_embeddings.requires_grad_(False)
+        self.embed_norm.requires_grad_(False)
+
+    def forward(self, x, segment_mask=None):
+        """x: B x S x D, segment_mask: B x S (1 = a real segment) -> B x S x D."""
+        h = self.embed_norm(x + self.position_embeddings.weight[: x.shape[1]])  # B x S x D
+        h = F.dropout(h, self.dropout, self.training)
+        keys = None if segment_mask is None else segment_mask[:, None, None, :].bool()
+        for layer in self.layers:
+            h = layer(h, 0, mask=keys)[0]
+        return h
+
+
 class VisualQueries(nn.Module):
     """What stages 1 and 2 share: the frozen encoder (or clip features) -> trainable `ln_vision` -> Q-Former queries.
     A clip's T frames go through the image encoder as a batch of B*T images; a learned frame embedding (zero at
     start) is added to every token of each frame, and the T*N tokens are flattened, so that the 32 queries
     cross-attend over the whole clip and every clip gives 32 query outputs (as VideoBLIP; with T = 1, or before the
     frame embedding has learned anything, a clip model computes exactly what the image model computes, so image
-    checkpoints load into it). frame_mask (B x T, 1 = real frame) hides the padded frames of short clips."""
+    checkpoints load into it). frame_mask (B x T, 1 = real frame) hides the padded frames of short clips.
+    With bridge="bert" a BertBridge takes the Q-Former's place (and name): clip features -> Linear -> BERT, as the
+    official video code, with no ln_vision and no frame embedding (BERT's position embeddings order the segments)."""
 
     def __init__(self, c, vit=None, with_text=True):
         super().__init__()
+        if c.bridge not in ("qformer", "bert"):
+            raise ValueError(f"bridge={c.bridge!r}: 'qformer' or 'bert'")
         self.visual = vit if vit is not None else ClipFeatures(c) if c.feature_dim else FrozenViT(c)
+        if c.bridge == "bert":
+            self.ln_vision, self.frame_embed, self.qformer = None, None, BertBridge(c)
+            return
         self.ln_vision = nn.LayerNorm(self.visual.width, eps=c.ln_vision_eps)
         self.frame_embed = nn.Parameter(torch.zeros(c.num_frames, self.visual.width)) if c.num_frames > 1 else None
         self.qformer = QFormer(c, image_dim=self.visual.width, with_text=with_text)
@@ -305,7 +353,11 @@ class VisualQueries(nn.Module):
         return {n for n, p in self.named_parameters() if p.requires_grad and n != "frame_embed"}
 
     def query_outputs(self, visual, frame_mask=None):
-        """Z: B x Q x D, the 32 query outputs for each image or clip."""
+        """Z: B x Q x D, the 32 query outputs for each image or clip (with the BERT bridge: one per segment)."""
+        if isinstance(self.qformer, BertBridge):
+            if frame_mask is not None:  # padded segments read as zeros, as the official loader pads them
+                visual = visual * frame_mask[..., None].to(visual.dtype)
+            return self.qformer(self.visual(visual), frame_mask)
         return self.qformer.encode_queries(*self.image_embeds(visual, frame_mask))[0]
 
 
@@ -322,7 +374,7 @@ class Blip2Stage1(VisualQueries):
         super().__init__(config, vit)
         c = self.config = config
         # with a P-Former, stage 1 also learns llm_proj (carried into stage 2) by the alignment loss
-        self.pformer = FrozenPFormer(pformer, c.num_query_tokens) if pformer is not None else None
+        self.pformer = FrozenPFormer(pformer, c.num_query_tokens, c.pformer_dropout) if pformer is not None else None
         self.llm_proj = nn.Linear(c.hidden_size, pformer.llm_dim) if pformer is not None else None
         self.vision_proj = nn.Linear(c.hidden_size, c.embed_dim)
         self.text_proj = nn.Linear(c.hidden_size, c.embed_dim)
@@ -337,6 +389,9 @@ class Blip2Stage1(VisualQueries):
             raise ValueError(f"the Q-Former tokenizer has {len(self.tokenizer)} tokens (with [DEC]) but "
                              f"vocab_size={c.vocab_size}")
         self.dec_token_id = self.tokenizer.bos_token_id
+        if c.bridge == "bert" and c.stage1_losses:
+            raise ValueError(f"stage1_losses={c.stage1_losses}: the BERT bridge has no text path for ITC / ITM / ITG; "
+                             f"its stage 1 is the P-Former alignment alone (stage1_losses=())")
         self._freeze_unused(set(c.stage1_losses))
 
     def _freeze_unused(self, wanted):
@@ -352,7 +407,7 @@ class Blip2Stage1(VisualQueries):
         unused += [] if "itg" in wanted else [self.itg_head]
         if not wanted & {"itc", "itm"} and self.pformer is None:  # ITG alone reads the queries' keys and values only
             unused.append(self.qformer.layers[-1].ffn_query)
-        if not wanted:  # the queries alone: no text embeddings, no text feed-forward blocks
+        if not wanted and isinstance(self.qformer, QFormer):  # the queries alone: no text embeddings, no text FFNs
             q = self.qformer
             unused += [q.word_embeddings, q.position_embeddings, *(layer.ffn_text for layer in q.layers)]
         for part in unused:
@@ -396,10 +451,12 @@ class Blip2Stage1(VisualQueries):
         image_ids (B ints): which samples show the same image (see positives). `neg_generator` (same seed on every
         rank) makes the ITM negatives independent of the number of ranks. Returns the losses as a dict: the
         config's stage1_losses (ITC, ITM, ITG) and, with a P-Former, the alignment."""
-        image_embeds, image_mask = self.image_embeds(image, frame_mask)  # B x N x W
-        Z, query_kvs = self.qformer.encode_queries(image_embeds, image_mask)  # B x Q x D, each layer's query (k, v)
         losses, wanted = {}, set(self.config.stage1_losses)
-        if wanted:
+        if not wanted:  # the P-Former alignment alone (the video recipe): the query outputs are all it needs
+            Z = self.query_outputs(image, frame_mask)  # B x Q x D
+        else:
+            image_embeds, image_mask = self.image_embeds(image, frame_mask)  # B x N x W
+            Z, query_kvs = self.qformer.encode_queries(image_embeds, image_mask)  # B x Q x D, each layer's (k, v)
             ids, mask = self.tokenize(captions, image.device)
         if wanted & {"itc", "itm"}:  # ITM draws its negatives from the ITC similarities
             img, txt = self.image_feats(Z), self.text_feats(ids, mask)  # B x Q x 256, B x 256
@@ -505,7 +562,7 @@ class Blip2Stage2(VisualQueries):
             dropout=c.llm_dropout)
         self.llm_proj = nn.Linear(c.hidden_size, self.llm.dim)
         _init_bert_weights(self.llm_proj)
-        self.pformer = FrozenPFormer(pformer, c.num_query_tokens) if pformer is not None else None
+        self.pformer = FrozenPFormer(pformer, c.num_query_tokens, c.pformer_dropout) if pformer is not None else None
         if pformer is not None and pformer.llm_dim != self.llm.dim:
             raise ValueError(f"the P-Former predicts prompts of width {pformer.llm_dim}, the LLM takes {self.llm.dim}")
 
@@ -514,8 +571,8 @@ class Blip2Stage2(VisualQueries):
         stage 1 trained one for P-Former alignment; the frame embedding of a clip model); stage 1's text-only
         parts and heads are left behind."""
         ours = {n for n, p in self.named_parameters() if p.requires_grad}
-        if "qformer.query_tokens" not in state_dict:
-            raise ValueError(f"{source} is not a stage-1 checkpoint of this model: it lacks qformer.query_tokens")
+        if not any(k.startswith("qformer.") for k in state_dict):
+            raise ValueError(f"{source} is not a stage-1 checkpoint of this model: it has no qformer weights")
         load_weights(self, {k: v for k, v in state_dict.items() if k in ours}, source,
                      required=self.required_weights() - {"llm_proj.weight", "llm_proj.bias"})
 
@@ -611,15 +668,22 @@ class PFormer(nn.Module):
 
 class FrozenPFormer(Frozen):
     """A trained P-Former as the teacher of stages 1 and 2: frozen, in eval mode for good, never masked.
-    loss_align = MSE(llm_proj(Z), P-Former(caption + "\n")), element-wise mean, no normalisation."""
+    loss_align = MSE(llm_proj(Z), P-Former(caption + "\n")), element-wise mean, no normalisation.
+    dropout=True leaves its dropout on while the model trains, as the official video runs do (their runner's train()
+    reaches the teacher): noisier targets; off by default, so that the target of a caption is one fixed point."""
 
-    def __init__(self, pformer, num_query_tokens):
+    def __init__(self, pformer, num_query_tokens, dropout=False):
         super().__init__()
+        self.dropout = dropout
         if pformer.num_prompts != num_query_tokens:
             raise ValueError(f"the P-Former predicts {pformer.num_prompts} prompt vectors, "
                              f"the Q-Former has {num_query_tokens} queries")
         self.pformer = freeze(pformer)
         self.llm_dim = pformer.llm_dim
+
+    def train(self, mode=True):
+        nn.Module.train(self, mode and self.dropout)
+        return self
 
     @torch.no_grad()
     def target(self, captions, device):

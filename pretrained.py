@@ -13,7 +13,7 @@ import re
 import torch.nn as nn
 
 from backbones import DTYPES, FrozenLLM, from_pretrained, from_pretrained_checked, load_weights
-from model import Blip2Config, Blip2Stage1, Blip2Stage2, load_qformer_tokenizer
+from model import BertBridge, Blip2Config, Blip2Stage1, Blip2Stage2, load_qformer_tokenizer
 
 # -----------------------------------------------------------------------------
 # bert-base-uncased -> Q-Former, P-Former
@@ -52,23 +52,37 @@ def bert_to_qformer(sd, qformer, prefix="qformer."):
     out = {prefix + "word_embeddings.weight": words, prefix + "position_embeddings.weight": pos,
            prefix + "embed_norm.weight": sd["embeddings.LayerNorm.weight"],
            prefix + "embed_norm.bias": sd["embeddings.LayerNorm.bias"]}
-    has_queries = qformer.config.num_query_tokens > 0
-    for i in range(len(qformer.layers)):
+    return {**out, **_bert_layers(sd, len(qformer.layers), prefix, qformer.config.num_query_tokens > 0)}
+
+
+def _bert_layers(sd, n_layers, prefix, with_queries):
+    out = {}
+    for i in range(n_layers):
         for theirs, ours in _BERT_LAYER_MAP:
             for our in ours:
-                if our.startswith("ffn_query") and not has_queries:
+                if our.startswith("ffn_query") and not with_queries:
                     continue
                 for p in ("weight", "bias"):
                     key = f"encoder.layer.{i}.{theirs}.{p}"
                     if key not in sd:
-                        raise ValueError(f"BERT checkpoint has no '{key}' (the Q-Former has {len(qformer.layers)} layers)")
+                        raise ValueError(f"BERT checkpoint has no '{key}' (the model has {n_layers} layers)")
                     out[f"{prefix}layers.{i}.{our}.{p}"] = sd[key]
     return out
+
+
+def bert_to_bridge(sd, n_layers, n_positions):
+    """A BERT state dict under model.BertBridge's names: the whole encoder, and of the embedding block the first
+    n_positions position embeddings (token type 0 folded in, as BERT adds it everywhere) and the LayerNorm."""
+    pos = sd["embeddings.position_embeddings.weight"][:n_positions] + sd["embeddings.token_type_embeddings.weight"][0]
+    return {"position_embeddings.weight": pos, "embed_norm.weight": sd["embeddings.LayerNorm.weight"],
+            "embed_norm.bias": sd["embeddings.LayerNorm.bias"], **_bert_layers(sd, n_layers, "", False)}
 
 
 def init_from_bert(model, bert):
     """Initialise a Blip2Stage1's Q-Former and ITG head (BERT's MLM head, when the checkpoint has it; the bias of
     [DEC] stays 0), or a PFormer's encoder, from bert-base-uncased-format weights (a name, directory or object)."""
+    if isinstance(getattr(model, "qformer", None), BertBridge):
+        return model  # built from BERT already
     sd, source = bert_state_dict(bert)
     encoder = model.qformer if hasattr(model, "qformer") else model.encoder
     mapping = bert_to_qformer(sd, encoder, prefix="qformer." if hasattr(model, "qformer") else "encoder.")
@@ -218,3 +232,45 @@ def blip2_stage1_from_hf(src, tokenizer=None, dtype="float32", **config_override
         tokenizer = src
     config = _config_from_hf(hf.config, vit_dtype=dtype, bert=source, **config_overrides)
     return _load_from_hf(Blip2Stage1(config, tokenizer=load_qformer_tokenizer(tokenizer)), hf, source)
+
+
+def blip2_language_projection(src):
+    """{"weight", "bias"} of the language projection (llm_proj) of an official BLIP-2 in Hugging Face format (a Hub
+    name such as Salesforce/blip2-opt-2.7b, or a directory), read alone from its safetensors files: the official video
+    runs start their opt_proj from BLIP-2's pretrained OPT-2.7b checkpoint."""
+    import json
+    import os
+
+    from safetensors import safe_open
+
+    def local(name):
+        if os.path.isdir(src):
+            return os.path.join(src, name)
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(src, name)
+
+    try:
+        try:
+            with open(local("model.safetensors.index.json")) as f:
+                files = json.load(f)["weight_map"]
+        except (OSError, ValueError):  # one file, no index
+            files = {}
+        out = {}
+        for p in ("weight", "bias"):
+            key = f"language_projection.{p}"
+            with safe_open(local(files.get(key, "model.safetensors")), framework="pt") as f:
+                if key not in f.keys():
+                    raise ValueError(f"no {key} in it")
+                out[p] = f.get_tensor(key).float()
+        return out
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read llm_proj from the BLIP-2 checkpoint '{src}': {str(e).splitlines()[0][:200]}") \
+            from None
+
+
+def init_llm_proj_from_blip2(model, src):
+    """model.llm_proj <- the official BLIP-2 `src`'s language projection; the shapes must agree."""
+    weights = {f"llm_proj.{k}": v for k, v in blip2_language_projection(src).items()}
+    load_weights(model, weights, f"the language projection of {src}", required=())
+    return model

@@ -52,6 +52,8 @@ def check_config(cfg):
         fail("betas", "two numbers in [0, 1), e.g. (0.9, 0.98)")
     if cfg["init_from"] not in ("scratch", "resume"):
         fail("init_from", "'scratch' or 'resume'")
+    if cfg.get("lr_schedule", "step") not in ("step", "epoch"):
+        fail("lr_schedule", "'step' or 'epoch'")
 
 
 def seed_everything(seed, rank=0):
@@ -90,6 +92,35 @@ def cosine_lr(step, *, warmup_steps, max_steps, lr, min_lr, warmup_start_lr):
         return min_lr
     progress = (step - warmup_steps) / (max_steps - warmup_steps)
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def epoch_cosine_lr(step, epoch, *, warmup_steps, epochs, lr, min_lr, warmup_start_lr):
+    """LAVIS's LinearWarmupCosineLRScheduler, which the official video runs use: in epoch 0 a linear warmup over
+    warmup_steps, then lr until the epoch ends; from epoch 1 on one value per epoch, the cosine at epoch / epochs
+    (so the last epoch of 10 trains at about 1.22e-5 with lr 1e-4, min_lr 1e-5, never at min_lr)."""
+    if epoch == 0:
+        return min(lr, warmup_start_lr + (lr - warmup_start_lr) * step / max(warmup_steps, 1))
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * min(epoch, epochs) / epochs))
+
+
+def learning_rate(step, cfg, batches_per_epoch=None):
+    """The learning rate of optimizer step `step`: cosine_lr (lr_schedule 'step'), or epoch_cosine_lr ('epoch')
+    over lr_decay_steps / (steps per epoch) epochs."""
+    common = dict(warmup_steps=cfg["warmup_steps"], lr=cfg["lr"], min_lr=cfg["min_lr"],
+                  warmup_start_lr=cfg["warmup_start_lr"])
+    if cfg.get("lr_schedule", "step") == "step":
+        return cosine_lr(step, max_steps=cfg["lr_decay_steps"], **common)
+    epochs = max(1, round(cfg["lr_decay_steps"] * cfg["grad_accum"] / batches_per_epoch))
+    return epoch_cosine_lr(step, step * cfg["grad_accum"] // batches_per_epoch, epochs=epochs, **common)
+
+
+def batches_per_epoch(loader, cfg):
+    """Batches per epoch and rank, for lr_schedule 'epoch' (None otherwise); tar shards have no known length."""
+    if cfg.get("lr_schedule", "step") == "step":
+        return None
+    if isinstance(loader.dataset, torch.utils.data.IterableDataset):
+        raise ValueError("lr_schedule='epoch' needs an epoch of known length: annotation files, not tar shards")
+    return len(loader)
 
 
 def make_optimizer(model, *, lr, weight_decay, betas, device):
@@ -494,12 +525,12 @@ def train(*, model, loss_fn, loader, val_loader, cfg, dist_info, stage, generato
     model, net = prepare_model(model, cfg, dist_info)
     trainable = [p for p in model.parameters() if p.requires_grad]
     batches = infinite_batches(loader, position.epoch, data_start(loader, position, cfg))
+    epoch_length = batches_per_epoch(loader, cfg)
     watch = NonFiniteWatch(device, check_grads=not scaler.is_enabled())
     flops_per_sample, t0 = None, time.time()
     net.train()
     while position.step < cfg["max_steps"]:
-        lr = cosine_lr(position.step, warmup_steps=cfg["warmup_steps"], max_steps=cfg["lr_decay_steps"],
-                       lr=cfg["lr"], min_lr=cfg["min_lr"], warmup_start_lr=cfg["warmup_start_lr"])
+        lr = learning_rate(position.step, cfg, epoch_length)
         for group in optimizer.param_groups:
             group["lr"] = lr
         losses, flops = forward_backward(net, loss_fn, batches, position, scaler, cfg, dist_info,

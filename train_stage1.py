@@ -16,7 +16,7 @@ from data import image_text_loader
 from distributed import cleanup_distributed, setup_distributed
 from backbones import load_weights
 from model import Blip2Config, Blip2Stage1, PFormer, read_checkpoint
-from pretrained import init_from_bert
+from pretrained import init_from_bert, init_llm_proj_from_blip2
 
 # -----------------------------------------------------------------------------
 # default config: the P-Former paper's stage 1 on 4M pairs (COCO + VG + CC3M + SBU), ViT-g, batch 8 x 128
@@ -51,6 +51,8 @@ pformer_ckpt = ""
 align_weight = 10.0  # the paper's weight in stage 1
 align_prefix = ""  # text before each caption for the P-Former's target (the video recipe: "a photo of ")
 stage1_losses = ("itc", "itm", "itg")  # () with a P-Former: alignment only (the paper's video recipe)
+pformer_dropout = False  # True: the teacher's dropout is on in training, as the official video runs leave it
+llm_proj_init = ""  # with a P-Former: llm_proj starts as this official BLIP-2's (HF format, Salesforce/blip2-opt-2.7b)
 stage1_ckpt = ""  # start from a stage-1 checkpoint (e.g. an image model, for clips) instead of bert
 # model (the names of model.Blip2Config)
 vit_model = "eva_giant_patch14_clip_224"
@@ -61,6 +63,7 @@ vit_dtype = "float16"
 image_size = 224
 bert = "bert-base-uncased"
 qformer_init_from_bert = True  # the Q-Former's self-attention and FFNs (and the ITG head) start as BERT's
+bridge = "qformer"  # "bert" (clip features): the official video code's BERT encoder over the segments, built from bert
 num_query_tokens = 32
 cross_attention_freq = 2
 hidden_size = 768
@@ -83,6 +86,7 @@ warmup_start_lr = 1e-6
 warmup_steps = 5000
 weight_decay = 0.05
 betas = (0.9, 0.98)
+lr_schedule = "step"  # 'step': warmup, then a cosine over lr_decay_steps; 'epoch': LAVIS's, one value per epoch
 grad_clip = 0.0  # 0 = off, as in the official runs
 # system
 device = "cuda"
@@ -107,6 +111,10 @@ if init_from == "scratch" and stage1_ckpt:  # e.g. an image model's, for clips
                  required=model.required_weights())
 elif qformer_init_from_bert and init_from == "scratch":
     init_from_bert(model, bert)
+if llm_proj_init and init_from == "scratch" and not stage1_ckpt:
+    if model.llm_proj is None:
+        raise ValueError("llm_proj_init: stage 1 has an llm_proj only when it aligns to a P-Former (pformer_ckpt)")
+    init_llm_proj_from_blip2(model, llm_proj_init)
 model.to(dist_info.device)
 if dist_info.master:
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -13,6 +13,7 @@ from configurator import apply_overrides, config_snapshot
 from data import image_text_loader
 from distributed import cleanup_distributed, setup_distributed
 from model import Blip2Config, Blip2Stage2, PFormer, read_checkpoint
+from pretrained import init_llm_proj_from_blip2
 
 # -----------------------------------------------------------------------------
 # default config: the P-Former paper's stage 2 on 4M pairs, ViT-g + OPT-2.7b, batch 8 x 128
@@ -47,6 +48,8 @@ feature_dim = 0  # > 0: pre-extracted clip features (root/name.npy, S x feature_
 pformer_ckpt = ""
 align_weight = 100.0  # the paper's weight in stage 2
 align_prefix = ""  # text before each caption for the P-Former's target (the video recipe: "a photo of ")
+pformer_dropout = False  # True: the teacher's dropout is on in training, as the official video runs leave it
+llm_proj_init = ""  # with stage1_ckpt='': llm_proj starts as this official BLIP-2's (HF format), not at random
 # model (the names of model.Blip2Config; the Q-Former sizes must match stage 1's)
 vit_model = "eva_giant_patch14_clip_224"
 vit_layers = 39
@@ -54,6 +57,9 @@ vit_pretrained = "timm"
 vit_kwargs = {}
 vit_dtype = "float16"
 image_size = 224
+bridge = "qformer"  # "bert" (clip features): the official video code's BERT encoder over the segments, built from bert
+bert = "bert-base-uncased"  # the BERT bridge's weights when stage1_ckpt is '' (as the official baseline), and its
+# frozen embedding block always
 num_query_tokens = 32
 cross_attention_freq = 2
 hidden_size = 768
@@ -78,6 +84,7 @@ warmup_start_lr = 1e-6
 warmup_steps = 2000
 weight_decay = 0.05
 betas = (0.9, 0.98)
+lr_schedule = "step"  # 'step': warmup, then a cosine over lr_decay_steps; 'epoch': LAVIS's, one value per epoch
 grad_clip = 0.0
 # system
 device = "cuda"
@@ -99,8 +106,12 @@ if pformer_ckpt:  # the frozen teacher of the alignment loss
 model = Blip2Stage2(Blip2Config.pick(config), pformer=pformer)
 if init_from == "scratch" and stage1_ckpt:
     model.load_stage1(read_checkpoint(stage1_ckpt, expect_stage=1)["model"], stage1_ckpt)
-elif init_from == "scratch" and dist_info.master:
-    print("stage1_ckpt is empty: the Q-Former starts from random weights")
+elif init_from == "scratch":
+    if llm_proj_init:
+        init_llm_proj_from_blip2(model, llm_proj_init)
+    if dist_info.master:
+        start = f"BERT bridge starts from {bert}" if bridge == "bert" else "Q-Former starts from random weights"
+        print(f"stage1_ckpt is empty: the {start}")
 model.to(dist_info.device)
 if dist_info.master:
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

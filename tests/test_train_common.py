@@ -92,6 +92,24 @@ def test_cosine_lr():
     assert all(a > b for a, b in zip(decay, decay[1:]))
     assert max(tc.cosine_lr(s, **kw) for s in range(2000)) == pytest.approx(1e-4)
 
+
+def test_epoch_cosine_lr_is_lavis_schedule():
+    """lr_schedule='epoch', as LAVIS's LinearWarmupCosineLRScheduler in the official video runs: warmup in epoch 0,
+    then one value per epoch; 10 epochs of 2030 steps (VATEX at batch 128) end at about 1.22e-5, not min_lr."""
+    cfg = dict(lr_schedule="epoch", warmup_steps=1000, lr=1e-4, min_lr=1e-5, warmup_start_lr=1e-6,
+               lr_decay_steps=20_300, grad_accum=1)
+    lr = [tc.learning_rate(s, cfg, batches_per_epoch=2030) for s in range(20_300)]
+    assert lr[0] == pytest.approx(1e-6) and lr[500] == pytest.approx((1e-6 + 1e-4) / 2)
+    assert lr[1000] == lr[2029] == pytest.approx(1e-4)
+    assert len(set(lr[2030:4060])) == 1 and lr[2030] == pytest.approx(1e-5 + 0.5 * 9e-5 * (1 + math.cos(math.pi / 10)))
+    assert lr[-1] == pytest.approx(1.2202e-5, rel=1e-4)
+    assert tc.learning_rate(20_300, {**cfg, "lr_schedule": "step"}) == pytest.approx(1e-5)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        tc.check_config(dict(batch_size=1, grad_accum=1, max_steps=1, lr_decay_steps=1, log_interval=1,
+                             eval_interval=1, ckpt_interval=1, warmup_steps=0, eval_batches=0, grad_clip=0,
+                             weight_decay=0, lr=1, min_lr=0, warmup_start_lr=0, dtype="float32", betas=(0.9, 0.999),
+                             init_from="scratch", lr_schedule="linear"))
+
 # -----------------------------------------------------------------------------
 # optimizer
 
