@@ -3,9 +3,12 @@ checkpoint, nothing hangs in silence, no checkpoint runs code, bad values fail a
 the out_dir survive restarts, validation reports real values, and resume is exact with DataLoader workers."""
 
 import json
+import math
 import os
+import re
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -220,3 +223,101 @@ def test_the_paper_recipes_run_the_frozen_llm_as_the_official_code_does():
     assert config("stage2_vitg_opt2.7b_4m.py")["llm_dropout"] is True
     assert config("pformer_opt2.7b_4m.py")["llm_dropout"] is True
     assert "llm_dropout" not in config("stage2_tiny.py")
+
+
+# ---------------------------------------------------------------- bad samples are skipped and named
+
+
+def feature_world(tmp_path, n=32, width=12, segments=5):
+    """n clips as pre-extracted features (root/clip_i.npy, segments x width) and their caption file."""
+    root = tmp_path / "features"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        np.save(root / f"clip_{i}.npy", rng.standard_normal((segments, width)).astype(np.float32))
+    ann = write_json(tmp_path / "clips.json", [{"video": f"clip_{i}.mp4", "caption": f"clip number {i}"}
+                                               for i in range(n)])
+    return root, ann
+
+
+def test_feature_files_as_published_and_bad_ones_named(tmp_path):
+    from data import ClipFeatureDataset, load_clip_features
+
+    root, ann = feature_world(tmp_path, n=6)
+    np.save(root / "clip_1.npy", np.ones((1, 4, 12), dtype=np.float32))  # the official VATEX files: 1 x S x F
+    assert load_clip_features(str(root / "clip_1.mp4"), 5).shape == (4, 12)
+    for i, bad in ((2, np.nan), (3, np.inf), (4, 1e30)):  # 1e30 is finite, but overflows in half precision
+        a = np.zeros((5, 12), dtype=np.float32)
+        a[2, 3] = bad
+        np.save(root / f"clip_{i}.npy", a)
+    np.save(root / "clip_5.npy", np.zeros((5, 10), dtype=np.float32))
+    ds = ClipFeatureDataset(ann, str(root), num_frames=5, feature_dim=12)
+    with pytest.warns(UserWarning) as record:
+        item = ds[2]
+    assert item["text"] == "clip number 0"  # 2, 3, 4 and 5 are bad: wrapped around
+    messages = [str(w.message) for w in record]
+    for i in (2, 3, 4):
+        assert any(f"clip_{i}.npy: 1 values are nan, inf or beyond float16's range" in m for m in messages), messages
+    assert any("clip_5.npy: 10 features per segment, feature_dim is 12" in m for m in messages), messages
+    assert not any(".mp4" in m for m in messages) and item["skipped"] == 4 and torch.isfinite(item["image"]).all()
+    strict = ClipFeatureDataset(ann, str(root), num_frames=5, feature_dim=12, strict=True)
+    with pytest.raises(RuntimeError, match=r"clip_3\.npy: 1 values are nan"):
+        strict[3]
+    with pytest.warns(UserWarning, match=r"cannot read feature file .*clip_9\.npy: FileNotFoundError: No such file"):
+        ClipFeatureDataset(write_json(tmp_path / "missing.json", [{"video": "clip_9.mp4", "caption": "x"},
+                                                                  {"video": "clip_0.mp4", "caption": "y"}]),
+                           str(root), 5)[0]
+
+
+def test_a_run_skips_and_names_bad_feature_files(tiny_world, tmp_path):
+    root, ann = feature_world(tmp_path)
+    a = np.load(root / "clip_7.npy")
+    a[0, 0] = np.nan
+    np.save(root / "clip_7.npy", a)
+    np.save(root / "clip_11.npy", np.zeros((5, 9), dtype=np.float32))
+    args = [f"--train_ann=['{ann}']", f"--train_image_roots=['{root}']", "--val_ann=[]", "--feature_dim=12",
+            "--num_frames=5", "--max_steps=4", *FAST]
+    p = train_tiny(1, tiny_world, str(tmp_path / "run"), *args)
+    assert "clip_7.npy: 1 values are nan" in p.stderr and "clip_11.npy: 9 features per segment" in p.stderr
+    assert sum(r["skipped"] for r in read_log(str(tmp_path / "run")) if "skipped" in r) >= 2
+    assert all(math.isfinite(r["loss"]) for r in read_log(str(tmp_path / "run")) if "loss" in r)
+    p = train_tiny(1, tiny_world, str(tmp_path / "strict"), *args, "--strict_images=True", ok=False)
+    assert re.search(r"RuntimeError: feature file .*clip_(7|11)\.npy", last_line(p)), last_line(p)
+
+
+def test_clips_that_are_not_videos_and_containers_without_a_frame_count(tmp_path):
+    import av
+    from PIL import Image
+
+    from data import decode_frames, load_annotations
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "photo.mp4", format="JPEG")
+    with pytest.raises(ValueError, match=r"an image \(jpeg_pipe\), not a video"):
+        decode_frames(str(tmp_path / "photo.mp4"), 4)
+    with av.open(str(tmp_path / "audio.mp4"), "w", format="mp4") as c:
+        stream = c.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            c.mux(packet)
+    with pytest.raises(ValueError, match=r"no video stream in it \(audio only\?\)"):
+        decode_frames(str(tmp_path / "audio.mp4"), 4)
+    # mkv and webm store no frame count: sampled from duration x rate, the frames are the right ones
+    for name, fmt, codec in (("a.mkv", "matroska", "libx264"), ("a.webm", "webm", "libvpx")):
+        with av.open(str(tmp_path / name), "w", format=fmt) as c:
+            stream = c.add_stream(codec, rate=8)
+            stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+            for i in range(10):
+                img = np.full((16, 16, 3), 20 * i, np.uint8)
+                for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                    c.mux(packet)
+            for packet in stream.encode():
+                c.mux(packet)
+        with av.open(str(tmp_path / name)) as c:
+            assert c.streams.video[0].frames == 0  # what makes them different
+        frames = decode_frames(str(tmp_path / name), 4, "uniform")
+        assert [round(np.asarray(f).mean() / 20) for f in frames] == [0, 2, 5, 7], name
+    # a WebVid entry without its caption
+    webvid = write_json(tmp_path / "webvid.json", [{"videoid": "1", "name": "a dog"}, {"videoid": "2"}])
+    with pytest.raises(ValueError, match=r"webvid.json entry 1: a WebVid entry \(\"videoid\"\) without \"name\""):
+        load_annotations(webvid, "video")
