@@ -19,6 +19,7 @@ import math
 import os
 import random
 import re
+import signal
 import warnings
 
 import numpy as np
@@ -381,7 +382,7 @@ class ImageTextDataset(EpochSeeded):
         i = range(len(self))[i]  # negative indices as for a list; IndexError outside
         j, media = self.readable(i)
         return {**self.item(media, i), "text": clean_caption(self.captions[j], self.max_words),
-                "image_id": image_id_of(self.images[j]), "skipped": (j - i) % len(self)}
+                "image_id": image_id_of(self.images[j]), "skipped": (j - i) % len(self), "file": self.images[j]}
 
 
 class VideoTextDataset(ImageTextDataset):
@@ -417,7 +418,8 @@ def load_clip_features(path, num_frames, feature_dim=0):
     try:
         features = torch.from_numpy(np.load(path, allow_pickle=False)).float()
     except Exception as e:  # missing, truncated, not an .npy, pickled objects
-        raise BadSample(f"cannot read feature file {path}: {type(e).__name__}: {getattr(e, 'strerror', None) or e}") from None
+        why = getattr(e, "strerror", None) or e
+        raise BadSample(f"cannot read feature file {path}: {type(e).__name__}: {why}") from None
     if features.ndim == 3 and len(features) == 1:
         features = features[0]
     if features.ndim != 2 or not len(features):
@@ -514,7 +516,8 @@ class FrozenFeatureDataset(Dataset):
         item = {"image": self.features[row]} if self.masks[row] is None else \
             {"image": self.features[row], "frame_mask": self.masks[row]}
         return {**item, "text": clean_caption(self.dataset.captions[j], self.dataset.max_words),
-                "image_id": image_id_of(self.dataset.images[j]), "skipped": (j - i) % len(self)}
+                "image_id": image_id_of(self.dataset.images[j]), "skipped": (j - i) % len(self),
+                "file": self.dataset.images[j]}
 
 
 class TextDataset(Dataset):
@@ -677,7 +680,7 @@ class TarShardDataset(IterableDataset):
             _unreadable(f"sample {name}", e, self.strict)
             return None
         item = pad_clip(media, self.num_frames) if self.num_frames else {"image": media}
-        return {**item, "text": clean_caption(caption, self.max_words), "image_id": image_id_of(name)}
+        return {**item, "text": clean_caption(caption, self.max_words), "image_id": image_id_of(name), "file": name}
 
     def __iter__(self):
         epoch, n_skip, skip_epoch = self._state.tolist()
@@ -770,10 +773,28 @@ class ResumableDistributedSampler(Sampler):
 
 def seed_worker(worker_id):
     """DataLoader worker_init_fn: seed numpy and random from the worker's torch seed (which the DataLoader
-    derives from its generator and the worker id), for any randomness outside the seeded augmentation."""
+    derives from its generator and the worker id), for any randomness outside the seeded augmentation. SIGTERM
+    and SIGINT are for the main process, which stops the run in order (a scheduler signals all of a job's
+    processes, Ctrl-C the terminal's): a worker ignores them and ends with its main process."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+def dataset_identity(dataset):
+    """A short hash of what a training set holds, for a resumed run to check: its samples' files and captions
+    (annotation files), its sentences (text files), or its shards' paths and sizes (tar shards, not read)."""
+    h = hashlib.blake2b(digest_size=8)
+    dataset = getattr(dataset, "dataset", dataset)  # FrozenFeatureDataset: the dataset it encodes
+    if isinstance(dataset, TarShardDataset):
+        h.update(json.dumps([[s, os.path.getsize(s)] for s in dataset.shards]).encode())
+    for strings in (getattr(dataset, name, None) for name in ("images", "captions", "sentences")):
+        if strings is not None:
+            h.update(strings.offsets.tobytes())
+            h.update(strings.buffer.tobytes())
+    return h.hexdigest()
 
 
 def build_loader(dataset, batch_size, num_workers, seed=0, shuffle=True, drop_last=True):
