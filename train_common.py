@@ -641,6 +641,18 @@ def train(*, model, loss_fn, loader, val_loader, cfg, dist_info, stage, generato
     except Stopped as stopped:
         print(stopped.args[0], file=sys.stderr, flush=True)  # one line: nothing went wrong
         sys.exit(stopped.args[1])
+    finally:
+        stop_workers(loader, val_loader)
+
+
+def stop_workers(*loaders):
+    """End the loaders' DataLoader workers now, as torch does when a loader is dropped: they ignore SIGTERM
+    (data.seed_worker), so the terminate that Python's exit sends to child processes would not end them."""
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)  # where a persistent_workers loader keeps its workers
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            loader._iterator = None
 
 
 def train_loop(*, model, loss_fn, loader, val_loader, cfg, dist_info, stage, generators, signals):

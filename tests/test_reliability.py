@@ -348,7 +348,7 @@ def test_sigterm_ends_the_run_with_a_checkpoint_of_the_step_reached(tiny_world, 
             assert p.poll() is None, p.communicate()
             time.sleep(0.2)
         os.killpg(p.pid, signal.SIGTERM)
-        _, stderr = p.communicate(timeout=60)
+        _, stderr = p.communicate(timeout=120)
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
