@@ -8,6 +8,7 @@ key-and-shape check (load_weights) and files read without running code (read_sta
 model.py builds BLIP-2 and P-Former on top of these.
 """
 
+import hashlib
 import inspect
 import os
 import pickle
@@ -62,6 +63,28 @@ def read_state_dict(path):
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a dict")
     return state
+
+
+def tensor_checksum(obj):
+    """A hash of every tensor in a nested dict / list / tuple (a checkpoint's weights and optimizer state), with its
+    key, dtype and shape, in key order: written with a checkpoint and checked when it is read, so that a bit
+    flipped on disk or in a copy is an error, not a model that quietly answers worse."""
+    h = hashlib.blake2b(digest_size=16)
+
+    def walk(x):
+        if torch.is_tensor(x):
+            x = x.detach().cpu().contiguous()
+            h.update(f"{x.dtype} {tuple(x.shape)}".encode())
+            h.update(x.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                h.update(f"[{k}]".encode())
+                walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+    walk(obj)
+    return h.hexdigest()
 
 
 # -----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import math
 import os
 import random
 import re
+import signal
 import warnings
 
 import numpy as np
@@ -95,10 +96,16 @@ def _decode_image(source):
         return img.convert("RGB")
 
 
+class BadSample(ValueError):
+    """A file that reads but must not reach the model (features not finite, or of the wrong shape); its message
+    names the file."""
+
+
 def _unreadable(name, err, strict):
-    """The skip/strict rule for a bad image or shard: raise, or warn in one line (the caller then moves on to
-    the next sample and counts the skip)."""
-    msg = f"cannot read {name}: {type(err).__name__}: {' '.join(str(err).split())}"
+    """The skip/strict rule for a bad image, sample or shard: raise, or warn in one line (the caller then moves on
+    to the next sample and counts the skip)."""
+    msg = str(err) if isinstance(err, BadSample) else \
+        f"cannot read {name}: {type(err).__name__}: {' '.join(str(err).split())}"
     if strict:
         raise RuntimeError(msg) from err
     warnings.warn("skipping: " + msg)
@@ -124,14 +131,24 @@ def sample_frame_indices(n_total, num_frames, sampling, rng=None):
     return sorted(rng.sample(range(half), head)) + sorted(rng.sample(range(half, n_total), num_frames - head))
 
 
-def decode_frames(source, num_frames, sampling="uniform", rng=None):
+def decode_frames(source, num_frames, sampling="uniform", rng=None, count=False):
     """The sampled frames (PIL images, in order) of a video: a path, or a file object such as the bytes of a clip
-    in a tar shard, decoded with PyAV (FFmpeg in its wheel). Decoding stops after the last frame wanted."""
+    in a tar shard, decoded with PyAV (FFmpeg in its wheel). Decoding stops after the last frame wanted. Containers
+    that do not store their frame count (mkv, webm) are sampled from duration x frame rate, decoded a second time,
+    to count (count=True), only when that estimate proves too high. A still image or a file without a video stream
+    is not a video and raises."""
     import av
 
     with av.open(source) as container:
+        if container.format.name == "image2" or container.format.name.endswith("_pipe"):
+            raise ValueError(f"an image ({container.format.name}), not a video")
+        if not container.streams.video:
+            raise ValueError("no video stream in it (audio only?)")
         stream = container.streams.video[0]
         n_total = stream.frames  # from the container's header; 0 when it does not say
+        estimated = n_total <= 0 and not count and bool(container.duration and stream.average_rate)
+        if estimated:
+            n_total = round(container.duration / av.time_base * stream.average_rate)
         if n_total <= 0:
             n_total = sum(1 for _ in container.decode(stream))
             container.seek(0)
@@ -144,6 +161,10 @@ def decode_frames(source, num_frames, sampling="uniform", rng=None):
                 frames[index] = upright(frame)
             if index >= wanted[-1]:
                 break
+    if len(frames) < len(wanted) and estimated:  # fewer frames than duration x rate: count them, sample again
+        if hasattr(source, "seek"):
+            source.seek(0)
+        return decode_frames(source, num_frames, sampling, rng, count=True)
     if len(frames) < len(wanted):
         raise ValueError(f"only {len(frames)} of the {len(wanted)} frames wanted could be decoded (truncated?)")
     return [frames[i] for i in wanted]
@@ -247,8 +268,11 @@ def load_annotations(path, media_key="image", text_key="caption"):
             raise ValueError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
         entries = [(f"entry {i}", ann) for i, ann in enumerate(data)]
     if media_key == "video":  # WebVid's {"videoid", "name"}: the video is {videoid}.mp4, the caption its name
-        entries = [(w, {"video": f"{a['videoid']}.mp4", "caption": a["name"]} if isinstance(a, dict) and "videoid" in a
-                    and "video" not in a else a) for w, a in entries]
+        for k, (where, a) in enumerate(entries):
+            if isinstance(a, dict) and "videoid" in a and "video" not in a:
+                if "name" not in a:
+                    raise ValueError(f"{path} {where}: a WebVid entry (\"videoid\") without \"name\" (its caption)")
+                entries[k] = (where, {"video": f"{a['videoid']}.mp4", "caption": a["name"]})
     for where, ann in entries:
         _check_entry(ann, path, where, media_key, text_key)
     return [ann for _, ann in entries]
@@ -322,7 +346,7 @@ class ImageTextDataset(EpochSeeded):
                 raise FileNotFoundError(f"{self.what} root not found: {root} (for {ann_path})")
             for ann in load_annotations(ann_path, self.media_key):
                 for caption in _captions(ann):
-                    images.append(os.path.join(root, ann[self.media_key]))
+                    images.append(self.media_path(root, ann[self.media_key]))
                     captions.append(caption)
             self._root_ends.append(len(captions))  # samples [previous end, this end) use this root
         self.images, self.captions = _StringArray(images), _StringArray(captions)
@@ -334,6 +358,11 @@ class ImageTextDataset(EpochSeeded):
 
     def __len__(self):
         return len(self.captions)
+
+    @staticmethod
+    def media_path(root, name):
+        """The file read for an entry's media (image, video, or its features)."""
+        return os.path.join(root, name)
 
     def load(self, path, i):
         """The decoded media of sample i (an image here; frames or features in the subclasses below)."""
@@ -365,7 +394,7 @@ class ImageTextDataset(EpochSeeded):
         i = range(len(self))[i]  # negative indices as for a list; IndexError outside
         j, media = self.readable(i)
         return {**self.item(media, i), "text": clean_caption(self.captions[j], self.max_words),
-                "image_id": image_id_of(self.images[j]), "skipped": (j - i) % len(self)}
+                "image_id": image_id_of(self.images[j]), "skipped": (j - i) % len(self), "file": self.images[j]}
 
 
 class VideoTextDataset(ImageTextDataset):
@@ -389,26 +418,52 @@ class VideoTextDataset(ImageTextDataset):
         return pad_clip(self.augment(self.transform, i)(frames), self.num_frames)
 
 
-def load_clip_features(path, num_frames):
-    """The first num_frames segments of a video's pre-extracted features: name.npy beside where name.mp4 would be."""
-    features = torch.from_numpy(np.load(os.path.splitext(path)[0] + ".npy", allow_pickle=False)).float()
+FLOAT16_MAX = 65504.0  # the model runs under half-precision autocast: larger features overflow to inf
+
+
+def load_clip_features(path, num_frames, feature_dim=0):
+    """The first num_frames segments of a video's pre-extracted features, num_frames x F, read from name.npy beside
+    where name.mp4 would be (path names either): an S x F array, or 1 x S x F as the official VATEX files are.
+    Features that would poison training are a BadSample naming the .npy file: values that are not finite or lie
+    beyond float16's range, or (with feature_dim) another width F."""
+    path = os.path.splitext(path)[0] + ".npy"
+    try:
+        features = torch.from_numpy(np.load(path, allow_pickle=False)).float()
+    except Exception as e:  # missing, truncated, not an .npy, pickled objects
+        why = getattr(e, "strerror", None) or e
+        raise BadSample(f"cannot read feature file {path}: {type(e).__name__}: {why}") from None
+    if features.ndim == 3 and len(features) == 1:
+        features = features[0]
     if features.ndim != 2 or not len(features):
-        raise ValueError(f"expected an S x F array of features, got shape {tuple(features.shape)}")
-    return features[:num_frames]
+        raise BadSample(f"feature file {path}: expected an S x F (or 1 x S x F) array, got shape "
+                        f"{tuple(features.shape)}")
+    if feature_dim and features.shape[1] != feature_dim:
+        raise BadSample(f"feature file {path}: {features.shape[1]} features per segment, feature_dim is {feature_dim}")
+    features = features[:num_frames]
+    bad = ~(features.abs() <= FLOAT16_MAX)  # nan compares false
+    if bad.any():
+        raise BadSample(f"feature file {path}: {int(bad.sum())} values are nan, inf or beyond float16's range "
+                        f"(largest {features.abs().nan_to_num(0).max().item():.3g})")
+    return features
 
 
 class ClipFeatureDataset(ImageTextDataset):
     """Pre-extracted clip features (e.g. I3D, S segments x 1024) in place of videos: for each annotation entry's
     "video" (name.mp4), the array root/name.npy, S x F, cut or zero-padded to num_frames segments with a mask, as
-    the P-Former paper's VATEX runs read them: {"image": T x F, "frame_mask": T}."""
+    the P-Former paper's VATEX runs read them: {"image": T x F, "frame_mask": T}. A file whose features are not
+    finite or not F = feature_dim wide is skipped and counted as an unreadable image is (load_clip_features)."""
     media_key, what = "video", "feature file"
 
-    def __init__(self, ann_paths, feature_roots, num_frames, max_words=50, strict=False, seed=0):
+    def __init__(self, ann_paths, feature_roots, num_frames, max_words=50, strict=False, seed=0, feature_dim=0):
         super().__init__(ann_paths, feature_roots, None, max_words, strict, seed)
-        self.num_frames = num_frames
+        self.num_frames, self.feature_dim = num_frames, feature_dim
+
+    @staticmethod
+    def media_path(root, name):
+        return os.path.splitext(os.path.join(root, name))[0] + ".npy"
 
     def load(self, path, i):
-        return load_clip_features(path, self.num_frames)
+        return load_clip_features(path, self.num_frames, self.feature_dim)
 
     def item(self, features, i):
         return pad_clip(features, self.num_frames)
@@ -473,7 +528,8 @@ class FrozenFeatureDataset(Dataset):
         item = {"image": self.features[row]} if self.masks[row] is None else \
             {"image": self.features[row], "frame_mask": self.masks[row]}
         return {**item, "text": clean_caption(self.dataset.captions[j], self.dataset.max_words),
-                "image_id": image_id_of(self.dataset.images[j]), "skipped": (j - i) % len(self)}
+                "image_id": image_id_of(self.dataset.images[j]), "skipped": (j - i) % len(self),
+                "file": self.dataset.images[j]}
 
 
 class TextDataset(Dataset):
@@ -636,7 +692,7 @@ class TarShardDataset(IterableDataset):
             _unreadable(f"sample {name}", e, self.strict)
             return None
         item = pad_clip(media, self.num_frames) if self.num_frames else {"image": media}
-        return {**item, "text": clean_caption(caption, self.max_words), "image_id": image_id_of(name)}
+        return {**item, "text": clean_caption(caption, self.max_words), "image_id": image_id_of(name), "file": name}
 
     def __iter__(self):
         epoch, n_skip, skip_epoch = self._state.tolist()
@@ -729,10 +785,28 @@ class ResumableDistributedSampler(Sampler):
 
 def seed_worker(worker_id):
     """DataLoader worker_init_fn: seed numpy and random from the worker's torch seed (which the DataLoader
-    derives from its generator and the worker id), for any randomness outside the seeded augmentation."""
+    derives from its generator and the worker id), for any randomness outside the seeded augmentation. SIGTERM
+    and SIGINT are for the main process, which stops the run in order (a scheduler signals all of a job's
+    processes, Ctrl-C the terminal's): a worker ignores them and ends with its main process."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+def dataset_identity(dataset):
+    """A short hash of what a training set holds, for a resumed run to check: its samples' files and captions
+    (annotation files), its sentences (text files), or its shards' paths and sizes (tar shards, not read)."""
+    h = hashlib.blake2b(digest_size=8)
+    dataset = getattr(dataset, "dataset", dataset)  # FrozenFeatureDataset: the dataset it encodes
+    if isinstance(dataset, TarShardDataset):
+        h.update(json.dumps([[s, os.path.getsize(s)] for s in dataset.shards]).encode())
+    for strings in (getattr(dataset, name, None) for name in ("images", "captions", "sentences")):
+        if strings is not None:
+            h.update(strings.offsets.tobytes())
+            h.update(strings.buffer.tobytes())
+    return h.hexdigest()
 
 
 def build_loader(dataset, batch_size, num_workers, seed=0, shuffle=True, drop_last=True):
@@ -773,7 +847,7 @@ def image_text_loader(ann_paths, roots, shards, batch_size, num_workers, image_s
     elif not ann_paths:
         raise ValueError("no training data: give annotation files (train_ann) or tar shards (train_shards)")
     elif feature_dim:
-        dataset = ClipFeatureDataset(ann_paths, roots, num_frames, strict=strict, seed=seed)
+        dataset = ClipFeatureDataset(ann_paths, roots, num_frames, strict=strict, seed=seed, feature_dim=feature_dim)
     elif video:
         dataset = VideoTextDataset(ann_paths, roots, image_size, num_frames, augment, strict=strict, seed=seed)
     else:

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backbones import (ClipFeatures, Frozen, FrozenLLM, FrozenViT, freeze, from_pretrained, load_weights,
-                       read_state_dict)
+                       read_state_dict, tensor_checksum)
 from distributed import gather_no_grad, gather_with_grad, rank_and_world_size
 
 # -----------------------------------------------------------------------------
@@ -777,7 +777,8 @@ def compile_blocks(model, **compile_kwargs):
 
 def read_checkpoint(path, expect_stage=None):
     """A checkpoint of this project's train scripts ({stage, model, optimizer, step, config, ...}), with its
-    weights checked: a non-finite weight is an error, never a model that answers "<s><s><s>"."""
+    weights checked: a non-finite weight is an error, never a model that answers "<s><s><s>", and so are tensors
+    that do not match the checkpoint's checksum (train_common.save_checkpoint)."""
     state = read_state_dict(path)
     if expect_stage is not None and state.get("stage") != expect_stage:
         found = f"a stage-{state['stage']} checkpoint" if "stage" in state else "a checkpoint without a 'stage' entry"
@@ -785,6 +786,10 @@ def read_checkpoint(path, expect_stage=None):
     for k, v in state.get("model", {}).items():
         if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
             raise ValueError(f"{path} holds non-finite weights (nan or inf) in {k}: the run that wrote it diverged")
+    if "checksum" in state and state["checksum"] != tensor_checksum({"model": state.get("model"),
+                                                                     "optimizer": state.get("optimizer")}):
+        raise ValueError(f"{path}: its weights or optimizer state do not match the checksum written with them (a bit "
+                         f"flipped on disk or in a copy?): not loaded")
     return state
 
 

@@ -3,21 +3,28 @@ Training mechanics shared by train_pformer.py, train_stage1.py and train_stage2.
 mixed precision, the lr schedule, the optimizer, checkpoints, the data position, logging and MFU, and the training
 loop itself (`train`, at the end). The scripts read as recipes; distributed.py has the process group.
 
-What a long run can count on: a nan or inf loss stops the run, naming the step, before it can replace the last good
-checkpoint; checkpoints are written atomically and never with non-finite weights; a run from scratch never
-overwrites an earlier run's checkpoint unless asked; a data source that cannot fill one batch stops the run at once;
-a killed run resumes exactly (weights, optimizer, step, data position, random state) with init_from='resume'.
+What a long run can count on: a nan or inf loss stops the run, naming the step and its batch's files, before it can
+replace the last good checkpoint; checkpoints are written atomically, with a checksum of their tensors, and never
+with non-finite weights; a run from scratch never overwrites an earlier run's checkpoint unless asked; one run
+writes an out_dir at a time; a data source that cannot fill one batch stops the run at once; SIGTERM or Ctrl-C
+ends the run after its step with a checkpoint; a killed run resumes exactly (weights, optimizer, step, data
+position, random state) with init_from='resume', and only with the settings it was started with unless asked.
 """
+import errno
 import glob
 import json
 import math
 import os
 import random
+import signal
+import socket
+import sys
 import tempfile
+import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,8 +32,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.flop_counter import FlopCounterMode
 
-from backbones import DTYPES
-from distributed import all_reduce_mean, is_master
+from backbones import DTYPES, tensor_checksum
+from data import dataset_identity
+from distributed import all_reduce_mean, gather_objects, is_master
 from model import compile_blocks, load_weights, read_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -143,10 +151,13 @@ def make_optimizer(model, *, lr, weight_decay, betas, device):
 
 def save_checkpoint(path, state):
     """torch.save(state, path) atomically: the file at path is either the old checkpoint or the complete new one,
-    never half a file, even if the job is killed mid-write. Weights that are not finite are never written."""
+    never half a file, even if the job is killed mid-write. Weights that are not finite are never written. The
+    state gets a "checksum" of its weights and optimizer state, which model.read_checkpoint checks. A full disk
+    is an OSError that says so and names the path."""
     for k, v in state.get("model", {}).items():
         if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
             raise RuntimeError(f"not writing {path}: weight {k} is not finite (nan or inf)")
+    state = {**state, "checksum": tensor_checksum({"model": state.get("model"), "optimizer": state.get("optimizer")})}
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     # the temp file sits in the same directory so that os.replace is a rename on one filesystem, hence atomic
@@ -157,8 +168,14 @@ def save_checkpoint(path, state):
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        # torch reports a failed write as "enforce fail at inline_container.cc", the OSError as its context
+        while e is not None and not (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
+            e = e.__context__
+        if e is not None:
+            raise OSError(e.errno, f"no space left on device (or quota) writing {path}: the checkpoint there, if "
+                                   f"any, is the previous one") from None
         raise
     dir_fd = os.open(directory, os.O_RDONLY)  # and the rename itself survives a power cut
     try:
@@ -175,6 +192,54 @@ def unwrap_model(model):
 def trainable_state_dict(model):
     """{name: tensor} of the parameters that train; frozen ViT / LLM / P-Former weights are not saved again."""
     return {n: p.detach() for n, p in unwrap_model(model).named_parameters() if p.requires_grad}
+
+
+@contextmanager
+def out_dir_lock(out_dir, master):
+    """One run writes an out_dir at a time: the master holds out_dir/run.lock ({"pid", "host", "since"}) while the
+    run lasts. Another live run's lock stops this one at start-up, naming it; the lock of a process that is gone
+    (same host) is stale and taken over with a warning. A lock of another host cannot be checked from here."""
+    if not master:
+        yield
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    path, host = os.path.join(out_dir, "run.lock"), socket.gethostname()
+    me = {"pid": os.getpid(), "host": host, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for attempt in range(2):
+        try:
+            with open(path, "x") as f:  # "x": created only if absent, atomically
+                json.dump(me, f)
+            break
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    owner = json.load(f)
+            except (OSError, ValueError):  # unreadable or half written: its writer died
+                owner = {}
+            if attempt == 0 and (not owner or owner.get("host") == host and not _process_alive(owner.get("pid"))):
+                warnings.warn(f"{path}: taking over the stale lock of a run that is gone ({owner or 'unreadable'})")
+                os.remove(path)
+                continue
+            raise RuntimeError(f"{out_dir} is in use by the run of pid {owner.get('pid')} on {owner.get('host')} "
+                               f"(since {owner.get('since')}): one run writes an out_dir at a time; if that run is "
+                               f"over, delete {path}") from None
+    try:
+        yield
+    finally:
+        if os.path.isfile(path):
+            os.remove(path)
+
+
+def _process_alive(pid):
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def prepare_out_dir(cfg):
@@ -197,16 +262,19 @@ class Position:
     epoch: int = 0
     batch_in_epoch: int = 0
     skipped: int = 0  # unreadable samples passed over since the last log line
+    files: list = field(default_factory=list)  # the files of the current step's batches (to name a bad one)
 
     def advance(self, epoch, batch):
         if epoch != self.epoch:
             self.epoch, self.batch_in_epoch = epoch, 0
         self.batch_in_epoch += 1
         self.skipped += batch.get("skipped", 0)
+        self.files += batch.get("file", [])
 
 
-def save(path, model, optimizer, scaler, position, generators, cfg, dist_info, stage):
-    """Every rank's torch RNG state goes in, so that a resumed run draws the same dropout."""
+def save(path, model, optimizer, scaler, position, generators, cfg, dist_info, stage, data):
+    """Every rank's torch RNG state goes in, so that a resumed run draws the same dropout; `data`, the training
+    set's identity (data.dataset_identity), so that a resumed run can tell whether it reads the same data."""
     rng = {"cpu": torch.get_rng_state()}
     if dist_info.device.startswith("cuda"):
         rng["cuda"] = torch.cuda.get_rng_state(dist_info.device)
@@ -219,15 +287,39 @@ def save(path, model, optimizer, scaler, position, generators, cfg, dist_info, s
             stage=stage, model=trainable_state_dict(model), optimizer=optimizer.state_dict(),
             scaler=scaler.state_dict(), step=position.step, epoch=position.epoch,
             batch_in_epoch=position.batch_in_epoch, world_size=dist_info.world_size, config=cfg, rng=rngs,
-            generators={name: g.get_state() for name, g in generators.items()}))
+            generators={name: g.get_state() for name, g in generators.items()}, data=data))
 
 
-def restore(path, model, optimizer, scaler, generators, cfg, dist_info, stage):
-    """Load a checkpoint of this run and return its Position. The same batch size and world size resume exactly.
-    Otherwise an annotation-file run continues its epoch after the same number of samples (rounded down to a
-    multiple of the new global batch) with the random state of rank (rank % old world size); a tar-shard run,
-    whose shards were dealt to the old ranks and workers, cannot and stops."""
+# settings a resumed run may change without changing what it computes (batch size and workers: see restore)
+RESUMABLE_CHANGES = {"init_from", "overwrite", "resume_changes", "out_dir", "max_steps", "log_interval",
+                     "eval_interval", "eval_batches", "ckpt_interval", "wandb_log", "wandb_project", "wandb_run_name",
+                     "val_ann", "val_image_roots", "val_text", "strict_images", "num_workers", "batch_size", "device",
+                     "compile"}
+
+
+def check_resume(state, cfg, data, path):
+    """Refuse to resume a run with other settings than the checkpoint's (the seed, the data and its contents, the
+    lr schedule, augmentation, dropout, model sizes: every key but RESUMABLE_CHANGES), listing the differences in
+    one line, unless cfg['resume_changes'] says they are meant."""
+    old = state.get("config", {})
+    changed = [f"{k} {old[k]!r} -> {cfg[k]!r}" for k in sorted(set(old) & set(cfg))  # keys of both versions
+               if k not in RESUMABLE_CHANGES and old[k] != cfg[k]]
+    if state.get("data") not in (None, data):
+        changed.append("the training data's files or captions changed")
+    if changed and not cfg.get("resume_changes"):
+        raise ValueError(f"{path} was written with other settings: {'; '.join(changed)}. Resume with them anyway with "
+                         f"--resume_changes=True, or start over with --overwrite=True")
+    if changed and is_master():
+        print(f"resuming with changed settings (resume_changes=True): {'; '.join(changed)}")
+
+
+def restore(path, model, optimizer, scaler, generators, cfg, dist_info, stage, data):
+    """Load a checkpoint of this run and return its Position, after check_resume. The same batch size and world
+    size resume exactly. Otherwise an annotation-file run continues its epoch after the same number of samples
+    (rounded down to a multiple of the new global batch) with the random state of rank (rank % old world size); a
+    tar-shard run, whose shards were dealt to the old ranks and workers, cannot and stops."""
     state = read_checkpoint(path, expect_stage=stage)
+    check_resume(state, cfg, data, path)
     load_weights(model, state["model"], path, trainable_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
@@ -404,27 +496,89 @@ def counting_flops():
 class NonFiniteWatch:
     """Watches the loss (and, without a GradScaler, the gradient norm) for nan / inf without a host sync per step:
     a flag on the device keeps the first bad step; check() reads it (at log and checkpoint steps, on all ranks
-    together) and stops the run. Under fp16 the GradScaler skips steps with inf gradients by design."""
+    together) and stops the run, naming the files of that step's batches (on every rank; written in full to
+    out_dir/nonfinite_step<N>.txt). Under fp16 the GradScaler skips steps with inf gradients by design."""
 
     def __init__(self, device, check_grads):
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
         self.check_grads = check_grads
+        self.files = {}  # step -> the files of its batches, since the last check
 
-    def record(self, step, loss, grad_norm):
+    def record(self, step, loss, grad_norm, files=None):
         bad = ~torch.isfinite(loss.detach())
         if self.check_grads:
             bad = bad | ~torch.isfinite(grad_norm)
         self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+        if files:
+            self.files[step] = files
 
     def check(self, ckpt_path):
-        flag = self.first_bad.clone()
+        flag = torch.where(self.first_bad < 0, torch.iinfo(torch.long).max, self.first_bad)
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops together, none waits in a collective
-        if flag.item() >= 0:
-            kept = f"{ckpt_path} still holds the last good checkpoint" if os.path.isfile(ckpt_path) else \
-                "no checkpoint was written"
-            raise FloatingPointError(f"the loss or gradient norm was not finite (nan or inf) at step {flag.item() + 1}:"
-                                     f" run stopped; {kept}. Lower the lr, or train in bfloat16 / float32")
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # every rank stops together, none waits in a collective
+        step, recorded, self.files = flag.item(), self.files, {}
+        if step == torch.iinfo(torch.long).max:
+            return
+        kept = f"{ckpt_path} still holds the last good checkpoint" if os.path.isfile(ckpt_path) else \
+            "no checkpoint was written"
+        files = [f for rank_files in gather_objects(recorded.get(step, [])) for f in rank_files]
+        batch = ""
+        if files:
+            listing = os.path.join(os.path.dirname(ckpt_path), f"nonfinite_step{step + 1}.txt")
+            if is_master():
+                with open(listing, "w") as f:
+                    f.write("\n".join(files) + "\n")
+            batch = f" Its batch held {len(files)} files ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}; " \
+                    f"all in {listing}): if one is broken, remove it."
+        raise FloatingPointError(f"the loss or gradient norm was not finite (nan or inf) at step {step + 1}: run "
+                                 f"stopped; {kept}. Lower the lr, or train in bfloat16 / float32.{batch}")
+
+
+class StopSignals:
+    """SIGTERM (what a cluster scheduler sends before it kills) and SIGINT (Ctrl-C) ask the run to stop: the step in
+    progress finishes, the ranks agree on the step to stop after, a checkpoint is written, and the run exits with
+    128 + the signal's number. A second signal acts as it would without this (Ctrl-C twice interrupts at once).
+    Under DDP the ranks all-reduce a flag at every step and act on the previous step's flag, read without waiting
+    for the step in flight on the GPU: no rank stops alone, and no host sync is added."""
+
+    def __init__(self, device):
+        self.received, self.previous, self.pending = 0, {}, None
+        self.device = device
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # where Python allows handlers
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        self._restore()
+
+    def _restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        self._restore()
+
+    def agreed(self):
+        """The number of the signal received (by any rank under DDP) once every rank knows of it, else 0."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.received
+        flag = torch.full((1,), self.received, dtype=torch.int, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        host = torch.empty(1, dtype=torch.int, pin_memory=self.device.startswith("cuda"))
+        host.copy_(flag, non_blocking=True)
+        done = torch.cuda.Event() if self.device.startswith("cuda") else None
+        if done is not None:
+            done.record()
+        previous, self.pending = self.pending, (host, done)
+        if previous is None:
+            return 0
+        if previous[1] is not None:
+            previous[1].synchronize()  # the previous step's end, not this one's
+        return int(previous[0][0])
 
 # -----------------------------------------------------------------------------
 # the training loop, the same for every stage
@@ -503,8 +657,37 @@ def preserved_rng(generators=()):
             torch.cuda.set_rng_state_all(cuda)
 
 
+class Stopped(Exception):
+    """A run ended by a signal, its checkpoint written: the message and the exit status (128 + the signal)."""
+
+
 def train(*, model, loss_fn, loader, val_loader, cfg, dist_info, stage, generators=None):
-    """Train `model` for cfg['max_steps'] optimizer steps and return it.
+    """Train `model` for cfg['max_steps'] optimizer steps and return it (train_loop), holding out_dir's lock
+    (out_dir_lock). Stopped by SIGTERM or SIGINT (StopSignals), it writes a checkpoint of the step reached, prints
+    one line and exits with 128 + the signal's number (143 for SIGTERM), as a process killed by it would."""
+    try:
+        with out_dir_lock(cfg["out_dir"], dist_info.master), StopSignals(dist_info.device) as signals:
+            return train_loop(model=model, loss_fn=loss_fn, loader=loader, val_loader=val_loader, cfg=cfg,
+                              dist_info=dist_info, stage=stage, generators=generators, signals=signals)
+    except Stopped as stopped:
+        print(stopped.args[0], file=sys.stderr, flush=True)  # one line: nothing went wrong
+        sys.exit(stopped.args[1])
+    finally:
+        stop_workers(loader, val_loader)
+
+
+def stop_workers(*loaders):
+    """End the loaders' DataLoader workers now, as torch does when a loader is dropped: they ignore SIGTERM
+    (data.seed_worker), so the terminate that Python's exit sends to child processes would not end them."""
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)  # where a persistent_workers loader keeps its workers
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            loader._iterator = None
+
+
+def train_loop(*, model, loss_fn, loader, val_loader, cfg, dist_info, stage, generators, signals):
+    """The training loop of `train`.
 
     loss_fn(model, batch) -> {"loss": total, <term>: value, ...}, run under autocast; every term is logged.
     cfg: the script's config (see train_stage1.py for the keys). generators: {name: torch.Generator} whose
@@ -518,9 +701,9 @@ def train(*, model, loss_fn, loader, val_loader, cfg, dist_info, stage, generato
     optimizer = make_optimizer(model, lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=tuple(cfg["betas"]),
                                device=device)
     scaler = make_grad_scaler(device, cfg["dtype"])
-    position = Position()
+    position, data = Position(), dataset_identity(loader.dataset)
     if cfg["init_from"] == "resume":
-        position = restore(ckpt_path, model, optimizer, scaler, generators, cfg, dist_info, stage)
+        position = restore(ckpt_path, model, optimizer, scaler, generators, cfg, dist_info, stage, data)
     logger.keep_until(position.step)
     model, net = prepare_model(model, cfg, dist_info)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -533,6 +716,7 @@ def train(*, model, loss_fn, loader, val_loader, cfg, dist_info, stage, generato
         lr = learning_rate(position.step, cfg, epoch_length)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        position.files = []
         losses, flops = forward_backward(net, loss_fn, batches, position, scaler, cfg, dist_info,
                                          count_flops=flops_per_sample is None)
         if flops is not None:
@@ -540,7 +724,7 @@ def train(*, model, loss_fn, loader, val_loader, cfg, dist_info, stage, generato
             if master:
                 print(f"training step: {flops_per_sample / 1e9:.3g} GFLOP per sample (torch.utils.flop_counter)")
         grad_norm = optimizer_step(optimizer, scaler, trainable, cfg)
-        watch.record(position.step, losses["loss"], grad_norm)
+        watch.record(position.step, losses["loss"], grad_norm, position.files)
         position.step += 1
         last = position.step == cfg["max_steps"]
         if position.step % cfg["log_interval"] == 0 or last:
@@ -558,7 +742,11 @@ def train(*, model, loss_fn, loader, val_loader, cfg, dist_info, stage, generato
             if val_loss is not None:
                 logger.log(position.step, {"val_loss": val_loss})
             t0 = time.time()
-        if position.step % cfg["ckpt_interval"] == 0 or last:
+        signum = signals.agreed()
+        if position.step % cfg["ckpt_interval"] == 0 or last or signum:
             watch.check(ckpt_path)
-            save(ckpt_path, model, optimizer, scaler, position, generators, cfg, dist_info, stage)
+            save(ckpt_path, model, optimizer, scaler, position, generators, cfg, dist_info, stage, data)
+        if signum and not last:
+            raise Stopped(f"stopped by {signal.Signals(signum).name} after step {position.step}: {ckpt_path} holds "
+                          f"it; continue with --init_from=resume", 128 + signum)
     return model

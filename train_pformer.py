@@ -22,6 +22,7 @@ from pretrained import init_from_bert
 out_dir = "out/pformer"
 init_from = "scratch"  # 'scratch' or 'resume' (continue from out_dir/ckpt.pt)
 overwrite = False  # True: a run from scratch may replace the checkpoint of an earlier run in out_dir
+resume_changes = False  # True: init_from=resume may change settings that change the run (seed, data, lr, ...)
 log_interval = 50
 eval_interval = 2000
 eval_batches = 50

@@ -21,6 +21,7 @@ from pretrained import init_llm_proj_from_blip2
 out_dir = "out/stage2"
 init_from = "scratch"  # 'scratch' (start from stage1_ckpt) or 'resume' (continue from out_dir/ckpt.pt)
 overwrite = False  # True: a run from scratch may replace the checkpoint of an earlier run in out_dir
+resume_changes = False  # True: init_from=resume may change settings that change the run (seed, data, lr, ...)
 stage1_ckpt = "out/stage1/ckpt.pt"  # '' starts the Q-Former from random weights (an ablation)
 log_interval = 50
 eval_interval = 2000

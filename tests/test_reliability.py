@@ -3,16 +3,19 @@ checkpoint, nothing hangs in silence, no checkpoint runs code, bad values fail a
 the out_dir survive restarts, validation reports real values, and resume is exact with DataLoader workers."""
 
 import json
+import math
 import os
+import re
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from backbones import FrozenLLM, read_state_dict
 from model import read_checkpoint
-from scripts import ROOT, read_log, run_script, train_tiny
+from scripts import ROOT, read_log, run_script, tiny_data_args, train_tiny
 from train_common import save_checkpoint
 
 FAST = ["--log_interval=1", "--eval_interval=100", "--ckpt_interval=100"]
@@ -34,10 +37,14 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_world, t
     train_tiny(1, tiny_world, out, "--max_steps=2", *FAST)
     good = open(os.path.join(out, "ckpt.pt"), "rb").read()
     p = train_tiny(1, tiny_world, out, "--init_from=resume", "--max_steps=8", "--lr=1e30", "--warmup_steps=0",
-                   *FAST, ok=False)
+                   "--resume_changes=True", *FAST, ok=False)
     # step 3's update (lr 1e30) leaves weights near 1e30; step 4's forward overflows: its loss is the first nan
     assert "not finite (nan or inf) at step 4" in last_line(p) and "still holds the last good checkpoint" in last_line(p)
     assert open(os.path.join(out, "ckpt.pt"), "rb").read() == good  # untouched
+    # the batch of that step is named, in full in a file beside the checkpoint
+    listing = os.path.join(out, "nonfinite_step4.txt")
+    assert f"Its batch held 16 files ({tiny_world}/images/" in last_line(p) and f"all in {listing})" in last_line(p)
+    assert len(open(listing).read().splitlines()) == 16
     # a checkpoint with non-finite weights is never written, and never loaded
     path = str(tmp_path / "bad.pt")
     with pytest.raises(RuntimeError, match="not writing .*bad.pt: weight w is not finite"):
@@ -220,3 +227,294 @@ def test_the_paper_recipes_run_the_frozen_llm_as_the_official_code_does():
     assert config("stage2_vitg_opt2.7b_4m.py")["llm_dropout"] is True
     assert config("pformer_opt2.7b_4m.py")["llm_dropout"] is True
     assert "llm_dropout" not in config("stage2_tiny.py")
+
+
+# ---------------------------------------------------------------- bad samples are skipped and named
+
+
+def feature_world(tmp_path, n=32, width=12, segments=5):
+    """n clips as pre-extracted features (root/clip_i.npy, segments x width) and their caption file."""
+    root = tmp_path / "features"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        np.save(root / f"clip_{i}.npy", rng.standard_normal((segments, width)).astype(np.float32))
+    ann = write_json(tmp_path / "clips.json", [{"video": f"clip_{i}.mp4", "caption": f"clip number {i}"}
+                                               for i in range(n)])
+    return root, ann
+
+
+def test_feature_files_as_published_and_bad_ones_named(tmp_path):
+    from data import ClipFeatureDataset, load_clip_features
+
+    root, ann = feature_world(tmp_path, n=6)
+    np.save(root / "clip_1.npy", np.ones((1, 4, 12), dtype=np.float32))  # the official VATEX files: 1 x S x F
+    assert load_clip_features(str(root / "clip_1.mp4"), 5).shape == (4, 12)
+    for i, bad in ((2, np.nan), (3, np.inf), (4, 1e30)):  # 1e30 is finite, but overflows in half precision
+        a = np.zeros((5, 12), dtype=np.float32)
+        a[2, 3] = bad
+        np.save(root / f"clip_{i}.npy", a)
+    np.save(root / "clip_5.npy", np.zeros((5, 10), dtype=np.float32))
+    ds = ClipFeatureDataset(ann, str(root), num_frames=5, feature_dim=12)
+    with pytest.warns(UserWarning) as record:
+        item = ds[2]
+    assert item["text"] == "clip number 0"  # 2, 3, 4 and 5 are bad: wrapped around
+    messages = [str(w.message) for w in record]
+    for i in (2, 3, 4):
+        assert any(f"clip_{i}.npy: 1 values are nan, inf or beyond float16's range" in m for m in messages), messages
+    assert any("clip_5.npy: 10 features per segment, feature_dim is 12" in m for m in messages), messages
+    assert not any(".mp4" in m for m in messages) and item["skipped"] == 4 and torch.isfinite(item["image"]).all()
+    strict = ClipFeatureDataset(ann, str(root), num_frames=5, feature_dim=12, strict=True)
+    with pytest.raises(RuntimeError, match=r"clip_3\.npy: 1 values are nan"):
+        strict[3]
+    with pytest.warns(UserWarning, match=r"cannot read feature file .*clip_9\.npy: FileNotFoundError: No such file"):
+        ClipFeatureDataset(write_json(tmp_path / "missing.json", [{"video": "clip_9.mp4", "caption": "x"},
+                                                                  {"video": "clip_0.mp4", "caption": "y"}]),
+                           str(root), 5)[0]
+
+
+def test_a_run_skips_and_names_bad_feature_files(tiny_world, tmp_path):
+    root, ann = feature_world(tmp_path)
+    a = np.load(root / "clip_7.npy")
+    a[0, 0] = np.nan
+    np.save(root / "clip_7.npy", a)
+    np.save(root / "clip_11.npy", np.zeros((5, 9), dtype=np.float32))
+    args = [f"--train_ann=['{ann}']", f"--train_image_roots=['{root}']", "--val_ann=[]", "--feature_dim=12",
+            "--num_frames=5", "--max_steps=4", *FAST]
+    p = train_tiny(1, tiny_world, str(tmp_path / "run"), *args)
+    assert "clip_7.npy: 1 values are nan" in p.stderr and "clip_11.npy: 9 features per segment" in p.stderr
+    assert sum(r["skipped"] for r in read_log(str(tmp_path / "run")) if "skipped" in r) >= 2
+    assert all(math.isfinite(r["loss"]) for r in read_log(str(tmp_path / "run")) if "loss" in r)
+    p = train_tiny(1, tiny_world, str(tmp_path / "strict"), *args, "--strict_images=True", ok=False)
+    assert re.search(r"RuntimeError: feature file .*clip_(7|11)\.npy", last_line(p)), last_line(p)
+
+
+def test_clips_that_are_not_videos_and_containers_without_a_frame_count(tmp_path):
+    import av
+    from PIL import Image
+
+    from data import decode_frames, load_annotations
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "photo.mp4", format="JPEG")
+    with pytest.raises(ValueError, match=r"an image \(jpeg_pipe\), not a video"):
+        decode_frames(str(tmp_path / "photo.mp4"), 4)
+    with av.open(str(tmp_path / "audio.mp4"), "w", format="mp4") as c:
+        stream = c.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            c.mux(packet)
+    with pytest.raises(ValueError, match=r"no video stream in it \(audio only\?\)"):
+        decode_frames(str(tmp_path / "audio.mp4"), 4)
+    # mkv and webm store no frame count: sampled from duration x rate, the frames are the right ones
+    for name, fmt, codec in (("a.mkv", "matroska", "libx264"), ("a.webm", "webm", "libvpx")):
+        with av.open(str(tmp_path / name), "w", format=fmt) as c:
+            stream = c.add_stream(codec, rate=8)
+            stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+            for i in range(10):
+                img = np.full((16, 16, 3), 20 * i, np.uint8)
+                for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                    c.mux(packet)
+            for packet in stream.encode():
+                c.mux(packet)
+        with av.open(str(tmp_path / name)) as c:
+            assert c.streams.video[0].frames == 0  # what makes them different
+        frames = decode_frames(str(tmp_path / name), 4, "uniform")
+        assert [round(np.asarray(f).mean() / 20) for f in frames] == [0, 2, 5, 7], name
+    # a WebVid entry without its caption
+    webvid = write_json(tmp_path / "webvid.json", [{"videoid": "1", "name": "a dog"}, {"videoid": "2"}])
+    with pytest.raises(ValueError, match=r"webvid.json entry 1: a WebVid entry \(\"videoid\"\) without \"name\""):
+        load_annotations(webvid, "video")
+
+
+# ---------------------------------------------------------------- pre-emption: SIGTERM and Ctrl-C
+
+
+def test_sigterm_ends_the_run_with_a_checkpoint_of_the_step_reached(tiny_world, tmp_path):
+    """As a scheduler pre-empts a job: SIGTERM to every process of the run (DataLoader workers included)."""
+    import signal
+    import sys
+    import time
+
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "train_stage1.py", "config/stage1_tiny.py", *tiny_data_args(tiny_world),
+           f"--bert={tiny_world}/bert", f"--out_dir={out}", "--max_steps=1000", "--lr_decay_steps=1000",
+           "--num_workers=2", "--val_ann=[]", *FAST]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (os.path.isfile(os.path.join(out, "log.jsonl")) and read_log(out)) and time.time() < deadline:
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.2)
+        os.killpg(p.pid, signal.SIGTERM)
+        _, stderr = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    step = read_checkpoint(os.path.join(out, "ckpt.pt"))["step"]
+    assert p.returncode == 128 + signal.SIGTERM and step >= 1, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == (f"stopped by SIGTERM after step {step}: {out}/ckpt.pt holds it; "
+                                               f"continue with --init_from=resume")
+    assert not os.path.exists(os.path.join(out, "run.lock"))
+    train_tiny(1, tiny_world, out, "--init_from=resume", f"--max_steps={step + 1}", "--lr_decay_steps=1000",
+               "--num_workers=2", "--val_ann=[]", *FAST)
+    assert read_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == step + 1
+
+
+def test_stop_signals_in_one_process():
+    import signal
+
+    from train_common import StopSignals
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopSignals("cpu") as signals:
+        assert signals.agreed() == 0
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: noted, the step goes on
+        assert signals.agreed() == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C interrupts at once
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def _two_rank_worker(rank, port, out):
+    import datetime
+    import signal
+
+    import torch.distributed as dist
+
+    from train_common import NonFiniteWatch, StopSignals
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    signals = StopSignals("cpu")
+    seen = []
+    for step in range(3):
+        if step == 1 and rank == 1:
+            signals.received = signal.SIGTERM  # what the handler does, on rank 1 only
+        seen.append(signals.agreed())
+    watch = NonFiniteWatch("cpu", check_grads=False)
+    for step, bad_on in ((0, ()), (1, (1,)), (2, (0, 1))):  # rank 1 goes bad first, at step 1
+        loss = torch.tensor(float("nan") if rank in bad_on else 1.0)
+        watch.record(step, loss, None, [f"rank{rank}_step{step}.jpg"])
+    try:
+        watch.check(os.path.join(out, "ckpt.pt"))
+        message = ""
+    except FloatingPointError as e:
+        message = str(e)
+    torch.save({"seen": seen, "message": message}, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_stop_signals_and_nonfinite_watch_agree_across_two_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    from test_ddp import free_port
+
+    mp.spawn(_two_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert result["seen"] == [0, 0, 15], result  # both ranks stop after the same step, one step later
+        assert "not finite (nan or inf) at step 2" in result["message"], result
+        assert "Its batch held 2 files (rank0_step1.jpg, rank1_step1.jpg; all in" in result["message"], result
+    assert (tmp_path / "nonfinite_step2.txt").read_text() == "rank0_step1.jpg\nrank1_step1.jpg\n"
+
+
+# ---------------------------------------------------------------- resume: the same run, one writer
+
+
+def test_resume_refuses_changed_settings_or_data_unless_asked(tiny_world, tmp_path):
+    out = str(tmp_path / "run")
+    with open(f"{tiny_world}/train.json") as f:
+        entries = json.load(f)
+    data = write_json(tmp_path / "train.json", entries)
+    args = [f"--train_ann=['{data}']", "--max_steps=2", *FAST]
+    train_tiny(1, tiny_world, out, *args)
+    p = train_tiny(1, tiny_world, out, *args, "--init_from=resume", "--max_steps=3", "--seed=7", "--dropout=0.2",
+                   ok=False)
+    assert "ckpt.pt was written with other settings: dropout 0.1 -> 0.2; seed 1337 -> 7. Resume with them anyway " \
+           "with --resume_changes=True" in last_line(p)
+    write_json(tmp_path / "train.json", entries[:-4])  # the same file name, fewer entries
+    p = train_tiny(1, tiny_world, out, *args, "--init_from=resume", "--max_steps=3", ok=False)
+    assert "other settings: the training data's files or captions changed" in last_line(p)
+    # meant: said, and done
+    p = train_tiny(1, tiny_world, out, *args, "--init_from=resume", "--max_steps=3", "--resume_changes=True")
+    assert "resuming with changed settings (resume_changes=True): the training data's" in p.stdout
+    assert read_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 3
+
+
+def test_one_writer_per_out_dir(tiny_world, tmp_path):
+    import socket
+
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / "run.lock"
+    sleeper = subprocess.Popen(["sleep", "60"])  # another run, alive on this host
+    try:
+        lock.write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(), "since": "this morning"}))
+        p = train_tiny(1, tiny_world, str(out), "--max_steps=1", *FAST, ok=False)
+        assert last_line(p) == f"RuntimeError: {out} is in use by the run of pid {sleeper.pid} on " \
+                               f"{socket.gethostname()} (since this morning): one run writes an out_dir at a time; " \
+                               f"if that run is over, delete {lock}"
+        assert not os.path.exists(out / "log.jsonl")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # that run is gone (killed without cleaning up): its lock is stale, taken over, and released at the end
+    p = train_tiny(1, tiny_world, str(out), "--max_steps=1", *FAST)
+    assert "taking over the stale lock of a run that is gone" in p.stderr and not lock.exists()
+
+
+# ---------------------------------------------------------------- checkpoints: checksum, full disk
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_an_error(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    w = torch.arange(1000, dtype=torch.float32)
+    save_checkpoint(path, {"stage": 1, "model": {"w": w}, "optimizer": {"state": {0: {"exp_avg": w * 2}}}})
+    assert read_checkpoint(path)["model"]["w"].equal(w)
+    raw = bytearray(open(path, "rb").read())
+    for tensor in (w, w * 2):  # a weight, then the optimizer's state
+        where = bytes(raw).find(tensor.numpy().tobytes()) + 2001
+        raw[where] ^= 0x10
+        open(path, "wb").write(raw)
+        with pytest.raises(ValueError, match="ckpt.pt: its weights or optimizer state do not match the checksum"):
+            read_checkpoint(path)
+        raw[where] ^= 0x10
+    open(path, "wb").write(raw)
+    assert read_checkpoint(path)["model"]["w"].equal(w)
+
+
+def test_a_full_disk_says_so_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, {"stage": 1, "model": {"w": torch.zeros(10)}})
+    good = open(path, "rb").read()
+    real_fdopen = os.fdopen
+
+    class Full:  # a file on a disk that fills after 100 bytes
+        def __init__(self, *args, **kwargs):
+            self.f, self.written = real_fdopen(*args, **kwargs), 0
+
+        def write(self, b):
+            self.written += len(b)
+            if self.written > 100:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(os, "fdopen", Full)
+    with pytest.raises(OSError, match=r"no space left on device \(or quota\) writing .*ckpt.pt: the checkpoint "
+                                      r"there, if any, is the previous one"):
+        save_checkpoint(path, {"stage": 1, "model": {"w": torch.ones(10000)}})
+    monkeypatch.undo()
+    assert open(path, "rb").read() == good and os.listdir(tmp_path) == ["ckpt.pt"]
