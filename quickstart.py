@@ -38,13 +38,15 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}  # nothing from the Hub; each step u
 
 
 def run(name, cmd, timings):
-    """Run one step as a subprocess, echo its output, time it. SIGTERM or SIGINT sent to this driver (a scheduler's
-    pre-emption, kill) goes to the step, which saves a checkpoint and exits; the driver waits for it, then stops."""
+    """Run one step as a subprocess, echo its output, time it. A SIGTERM sent to this driver (a scheduler's
+    pre-emption, kill) goes on to the step, which saves a checkpoint and exits; the driver waits for it, then stops.
+    Ctrl-C reaches the step from the terminal already (one process group): the driver only waits for it, since a
+    second SIGINT would make the step stop at once, without its checkpoint."""
     print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
     t0 = time.time()
     child = subprocess.Popen([sys.executable, *cmd], env=ENV)
-    forward = lambda signum, frame: child.send_signal(signum)  # noqa: E731
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum)),
+                signal.SIGINT: signal.signal(signal.SIGINT, lambda signum, frame: None)}
     try:
         code = child.wait()
     finally:

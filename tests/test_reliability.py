@@ -518,3 +518,25 @@ def test_a_full_disk_says_so_and_keeps_the_last_checkpoint(tmp_path, monkeypatch
         save_checkpoint(path, {"stage": 1, "model": {"w": torch.ones(10000)}})
     monkeypatch.undo()
     assert open(path, "rb").read() == good and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_the_quick_start_driver_passes_sigterm_to_its_step_and_waits_for_it(tmp_path):
+    """A scheduler's SIGTERM to quickstart.py (or experiment.py) reaches the running step, which saves and exits;
+    the driver waits for it and stops with its exit code, never leaving the step running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    step = ("import signal, sys, time; "
+            "signal.signal(signal.SIGTERM, lambda *a: (print('step saved', flush=True), sys.exit(143))); "
+            "print('step running', flush=True); time.sleep(60)")
+    driver = subprocess.Popen([sys.executable, "-c", f"import quickstart; quickstart.run('a step', ['-c', {step!r}], {{}})"],
+                              cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t0 = time.time()
+    while driver.stdout.readline() != "step running\n":  # the step's own line, not the driver's echo of it
+        assert time.time() - t0 < 60, "the step never started"
+    driver.send_signal(signal.SIGTERM)
+    out, _ = driver.communicate(timeout=30)
+    assert "step saved" in out and "exit code 143" in out and driver.returncode != 0, out
