@@ -10,13 +10,15 @@ token) and a generation config with the captioning defaults of eval.py (beam 5, 
 1; decoder-only LLMs stop at "\\n", as in training). Stage 1 writes the ITC and ITM parts; HF keeps no ITG head
 and no temperature. A P-Former run exports the same way: the P-Former only taught the model in training.
 Before writing, the export runs one random image through both models and refuses if they disagree.
+
+transformers' Blip2ForConditionalGeneration.generate hands over to its language model, whose own defaults (greedy,
+20 tokens, stop at </s>) win over the saved generation config unless it is passed:
+model.generate(**inputs, generation_config=model.generation_config).
 """
 import copy
-import os
 import sys
 
 import torch
-import torch.nn.functional as F
 from transformers import (BlipImageProcessor, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Processor,
                           GenerationConfig)
 
@@ -53,18 +55,38 @@ def _build(cls, config, state_dict, source):
     return model.eval()
 
 
+def probe_image(config):
+    """The random image that the export's check runs through both models."""
+    size = config.image_size
+    return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
 def _check_same(ours, theirs, what, source):
     """Refuse an export whose Hugging Face model computes something else than this one (relative 1e-4)."""
+    if ours.shape != theirs.shape:
+        raise ValueError(f"{source}: the exported model's {what} have shape {tuple(theirs.shape)}, this model's "
+                         f"{tuple(ours.shape)}")
     err = (ours - theirs).abs().max().item() / max(ours.abs().max().item(), 1e-6)
-    if ours.shape != theirs.shape or not err <= 1e-4:
+    if not err <= 1e-4:  # also catches nan
         raise ValueError(f"{source}: the exported model's {what} differ from this model's (relative error {err:.2g})")
+
+
+def fresh_tokenizer(tokenizer, padding_side):
+    """A copy of a tokenizer without the truncation and padding that earlier calls left in its backend (saved with
+    it, a max_length there would truncate every text the processor reads)."""
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.backend_tokenizer.no_truncation()
+    tokenizer.backend_tokenizer.no_padding()
+    tokenizer.padding_side = padding_side
+    return tokenizer
 
 
 def llm_with_image_token(llm, source):
     """(the LLM's state dict under HF's language_model. names, its config, its tokenizer with <image>, the token's id,
     whether rows were added). <image> takes the first spare embedding row (OPT, FlanT5 and Qwen have padded tables);
     a table with none grows by one zero row, in the input embeddings and in the LM head, and generation suppresses it."""
-    tokenizer = copy.deepcopy(llm.tokenizer)
+    # decoder-only: left padding keeps a batch's prompts next to what is generated after them, as here
+    tokenizer = fresh_tokenizer(llm.tokenizer, "right" if llm.is_encoder_decoder else "left")
     tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     lm, config = llm.model, copy.deepcopy(llm.model.config)
@@ -91,7 +113,7 @@ def export_stage2(model, out, source):
         keys = Blip2ForConditionalGeneration(config).state_dict().keys()
     state = {**ours_to_hf(model.state_dict(), keys, source, left_behind=("pformer.",)), **llm_state}
     hf = _build(Blip2ForConditionalGeneration, config, state, source)
-    image = torch.randn(1, 3, model.config.image_size, model.config.image_size, generator=torch.Generator().manual_seed(0))
+    image = probe_image(model.config)
     _check_same(model.soft_prompt(image), hf.get_image_features(image).pooler_output, "soft prompts", source)
     generation = GenerationConfig.from_model_config(text_config)
     generation.update(**CAPTION_DEFAULTS, eos_token_id=llm.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -114,16 +136,19 @@ def export_stage1(model, out, source):
     # HF keeps no ITG head and no temperature; llm_proj and the P-Former were for a P-Former run's stage 2
     state = ours_to_hf(model.state_dict(), keys, source, left_behind=("itg_head.", "temp", "llm_proj.", "pformer."))
     hf = _build(Blip2ForImageTextRetrieval, config, state, source)
-    image = torch.randn(1, 3, model.config.image_size, model.config.image_size, generator=torch.Generator().manual_seed(0))
-    ours = model.image_feats(model.query_outputs(image))
-    vision = hf.vision_model(image).last_hidden_state
-    theirs = hf.vision_projection(hf.qformer(query_embeds=hf.query_tokens, encoder_hidden_states=vision).last_hidden_state)
-    _check_same(ours, F.normalize(theirs, dim=-1), "image features", source)
+    image, (ids, mask) = probe_image(model.config), model.tokenize(["a photo of two things"], "cpu")
+    embeds = model.image_embeds(image)[0]
+    itc = model.similarity(model.image_feats(model.qformer.encode_queries(embeds)[0]), model.text_feats(ids, mask))
+    _check_same(itc, hf(pixel_values=image, input_ids=ids, attention_mask=mask).logits_per_image, "ITC scores",
+                source)
+    _check_same(model.itm_logits(embeds, ids, mask), hf(pixel_values=image, input_ids=ids, attention_mask=mask,
+                                                        use_image_text_matching_head=True).logits_per_image,
+                "ITM logits", source)
     hf.save_pretrained(out)
-    Blip2Processor(image_processor(model.config), copy.deepcopy(model.tokenizer)).save_pretrained(out)
+    Blip2Processor(image_processor(model.config), fresh_tokenizer(model.tokenizer, "right")).save_pretrained(out)
     # Blip2Processor adds <image> to its tokenizer (again on every load); the retrieval model never reads it, and the
     # tokenizer on disk stays the Q-Former's vocabulary, which pretrained.py checks against the word embeddings
-    model.tokenizer.save_pretrained(out)
+    fresh_tokenizer(model.tokenizer, "right").save_pretrained(out)
     return hf
 
 
@@ -134,7 +159,11 @@ def export(model, out, source="model"):
     why = unexportable(model)
     if why:
         raise ValueError(f"{source} cannot be exported to Hugging Face's BLIP-2: {why}")
-    model = model.float().eval()
+    half = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
+    if half:
+        raise ValueError(f"{source} has {', '.join(half)} weights: export a float32 model (from_checkpoint on CPU "
+                         f"gives one); transformers casts at loading (from_pretrained(..., dtype=torch.float16))")
+    model.eval()
     return (export_stage2 if isinstance(model, Blip2Stage2) else export_stage1)(model, out, source)
 
 
@@ -144,8 +173,12 @@ def main(cfg):
     model = from_checkpoint(cfg["ckpt"], "cpu", cfg["model_overrides"])
     hf = export(model, cfg["out_dir"], cfg["ckpt"])
     print(f"{cfg['ckpt']} -> {cfg['out_dir']} ({type(hf).__name__})")
-    if getattr(model.config, "prompt", "") and hasattr(model, "llm"):
-        print(f"trained with the text prompt {model.config.prompt!r}: pass it to the processor as text=")
+    block_eps = model.visual.vit.blocks[0].norm1.eps
+    if model.ln_vision.eps != block_eps:
+        print(f"note: ln_vision's LayerNorm eps {model.ln_vision.eps:g} is {block_eps:g} there (one eps for the "
+              f"whole vision model); the export's check found the soft prompt / features the same to 1e-4")
+    if isinstance(model, Blip2Stage2) and model.config.prompt:
+        print(f"trained with the text prompt {model.config.prompt!r}: give it to the processor as text=")
 
 
 if __name__ == "__main__":

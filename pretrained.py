@@ -297,7 +297,8 @@ def ours_to_hf(state_dict, hf_keys, source, left_behind=()):
         ours = _our_key(key)
         if ours not in state_dict:
             raise ValueError(f"{source}: no weight of this model for Hugging Face's {key} (expected {ours})")
-        out[key], used = state_dict[ours], used | {ours}
+        out[key] = state_dict[ours]
+        used.add(ours)
     extra = sorted(k for k in state_dict if k not in used and not k.startswith(("llm.", *left_behind)))
     if extra:
         raise ValueError(f"{source}: {extra[0]}{f' and {len(extra) - 1} more' if len(extra) > 1 else ''} has no "

@@ -65,14 +65,15 @@ def test_stage2_export_computes_what_this_code_computes(bert, tmp_path, text):
     prompt = "a photo of" if text == "t5" else ""
     config = tiny.our_config(bert, ln_vision_eps=1e-6)  # HF's vision config has one eps: the ViT blocks'
     ours = tiny.perturb(Blip2Stage2(config, llm=FrozenLLM(lm, tok, prompt=prompt)), seed=1)
+    img = images()
+    soft = ours.soft_prompt(img)
+    inputs = ours.llm.inputs(soft, CAPTIONS)  # before the export: the tokenizer keeps this call's truncation
     export_hf.export(ours, str(tmp_path))
     hf, info = Blip2ForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     processor = Blip2Processor.from_pretrained(tmp_path)
-    img, V = images(), len(tok) if text == "llama" else lm.config.vocab_size
-    soft = ours.soft_prompt(img)
+    V = len(tok) if text == "llama" else lm.config.vocab_size
     # logits of the LM loss's input: soft prompt + text, here as in transformers with the processor's token ids
-    inputs = ours.llm.inputs(soft, CAPTIONS)
     if text == "t5":
         ids, mask = processor_inputs(processor, [prompt] * 2)
         labels = inputs["labels"]
@@ -136,6 +137,8 @@ def test_what_the_format_cannot_hold_is_refused(bert, tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=message):
             export_hf.export(model, str(tmp_path / "x"))
         assert not os.path.exists(tmp_path / "x")
+    p = run_script("export_hf.py", f"--out_dir={tmp_path / 'x'}", ok=False)
+    assert "give the checkpoint and the directory to write" in p.stderr.strip().splitlines()[-1]
     # a weight that lands wrong is caught by the export's own check before anything is written
     ours = tiny.perturb(Blip2Stage1(tiny.our_config(bert)), seed=2)
     original = export_hf.ours_to_hf
@@ -145,6 +148,30 @@ def test_what_the_format_cannot_hold_is_refused(bert, tmp_path, monkeypatch):
         out["vision_model.post_layernorm.weight"] = out["vision_model.post_layernorm.weight"].flip(0)
         return out
     monkeypatch.setattr(export_hf, "ours_to_hf", swapped)
-    with pytest.raises(ValueError, match="image features differ"):
+    with pytest.raises(ValueError, match="ITC scores differ"):
         export_hf.export(ours, str(tmp_path / "x"))
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_tiny_world_stage2_captions_alike_in_eval_and_transformers(tiny_world, tmp_path):
+    """The quick start's path at CI size: stages 1 and 2 on the tiny world, export, then the captions transformers
+    writes for the validation scenes (processor + generate, as the README shows) are eval.py's."""
+    w, s1, s2, out = tiny_world, str(tmp_path / "s1"), str(tmp_path / "s2"), str(tmp_path / "hf")
+    train_tiny(1, w, s1, "--max_steps=4", "--lr_decay_steps=4", "--warmup_steps=1", "--eval_interval=100")
+    train_tiny(2, w, s2, f"--stage1_ckpt={s1}/ckpt.pt", "--max_steps=20", "--lr_decay_steps=20",
+               "--warmup_steps=2", "--eval_interval=100", "--lr=3e-3")
+    run_script("export_hf.py", f"--ckpt={s2}/ckpt.pt", f"--out_dir={out}")
+    run_script("eval.py", "--task=caption", f"--ckpt={s2}/ckpt.pt", f"--ann_file={w}/val.json",
+               f"--image_root={w}/images", "--device=cpu", "--dtype=float32", "--num_workers=0",
+               "--caption_scorers=['BLEU']", f"--out_dir={tmp_path / 'eval'}")
+    with open(tmp_path / "eval" / "caption_captions.json") as f:
+        expected = {r["image_id"]: r["caption"] for r in json.load(f)}
+    model = Blip2ForConditionalGeneration.from_pretrained(out)
+    processor = Blip2Processor.from_pretrained(out)
+    got = {}
+    for name in expected:
+        inputs = processor(images=Image.open(os.path.join(w, "images", name)), return_tensors="pt")
+        ids = model.generate(**inputs, generation_config=model.generation_config)
+        got[name] = processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+    assert got == expected
+    assert len(set(got.values())) > 1, got  # captions that depend on the image
