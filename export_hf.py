@@ -39,7 +39,9 @@ CAPTION_DEFAULTS = dict(num_beams=5, max_new_tokens=30, min_new_tokens=8, length
 
 
 def image_processor(config):
-    """A BlipImageProcessor that resizes to this model's image size (bicubic) and normalises as data.py does."""
+    """A BlipImageProcessor that resizes to this model's image size (bicubic) and normalises as data.py does.
+    Loaded with backend="pil" it gives eval.py's pixels exactly; the default torchvision backend resizes a little
+    differently."""
     size = config.image_size
     return BlipImageProcessor(size={"height": size, "width": size}, image_mean=list(CLIP_MEAN),
                               image_std=list(CLIP_STD))

@@ -167,7 +167,7 @@ def test_tiny_world_stage2_captions_alike_in_eval_and_transformers(tiny_world, t
     with open(tmp_path / "eval" / "caption_captions.json") as f:
         expected = {r["image_id"]: r["caption"] for r in json.load(f)}
     model = Blip2ForConditionalGeneration.from_pretrained(out)
-    processor = Blip2Processor.from_pretrained(out)
+    processor = Blip2Processor.from_pretrained(out, backend="pil")  # PIL's bicubic resize, as eval.py's
     got = {}
     for name in expected:
         inputs = processor(images=Image.open(os.path.join(w, "images", name)), return_tensors="pt")
