@@ -7,6 +7,8 @@ Weights from outside this project, mapped onto model.py's modules by explicit ke
     becomes a timm EVA ViT, the Q-Former this project's own; tests/test_model.py checks that both compute what
     transformers computes.
 Every load goes through backbones.load_weights: a missing, unexpected or misshapen key is an error naming it.
+And the way back, for export_hf.py: ours_to_hf reads the same key table in reverse, hf_config_of mirrors
+_config_from_hf, and unexportable says what Hugging Face's BLIP-2 cannot hold.
 """
 import re
 
