@@ -7,9 +7,12 @@ Weights from outside this project, mapped onto model.py's modules by explicit ke
     becomes a timm EVA ViT, the Q-Former this project's own; tests/test_model.py checks that both compute what
     transformers computes.
 Every load goes through backbones.load_weights: a missing, unexpected or misshapen key is an error naming it.
+And the way back, for export_hf.py: ours_to_hf reads the same key table in reverse, hf_config_of mirrors
+_config_from_hf, and unexportable says what Hugging Face's BLIP-2 cannot hold.
 """
 import re
 
+import torch
 import torch.nn as nn
 
 from backbones import DTYPES, FrozenLLM, from_pretrained, from_pretrained_checked, load_weights
@@ -132,13 +135,24 @@ _HF_KEY_MAP = [
 ]
 
 
+_HF_QKV_BIAS = r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.bias"
+
+
+def _our_key(hf_key):
+    """This project's name for a Hugging Face BLIP-2 key (not the language model's, not the qkv bias), or None."""
+    for pattern, repl in _HF_KEY_MAP:
+        if re.match(pattern, hf_key):
+            return re.sub(pattern, repl, hf_key, count=1)
+    return None
+
+
 def hf_to_ours(hf_state_dict, source):
     """A Hugging Face BLIP-2 state dict (minus the language model) under this project's names."""
     mapping = {}
     for key, value in hf_state_dict.items():
         if key.startswith("language_model."):
             continue
-        qkv_bias = re.fullmatch(r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.bias", key)
+        qkv_bias = re.fullmatch(_HF_QKV_BIAS, key)
         if qkv_bias:  # HF keeps one bias cat(q_bias, 0, v_bias); EVA has q_bias and v_bias and no key bias
             q, k, v = value.chunk(3)
             if k.abs().max() > 0:
@@ -146,12 +160,10 @@ def hf_to_ours(hf_state_dict, source):
             block = f"visual.vit.blocks.{qkv_bias.group(1)}.attn."
             mapping[block + "q_bias"], mapping[block + "v_bias"] = q, v
             continue
-        for pattern, repl in _HF_KEY_MAP:
-            if re.match(pattern, key):
-                mapping[re.sub(pattern, repl, key, count=1)] = value
-                break
-        else:
+        ours = _our_key(key)
+        if ours is None:
             raise ValueError(f"{source}: checkpoint key with no place in this model: {key}")
+        mapping[ours] = value
     return mapping
 
 
@@ -274,3 +286,79 @@ def init_llm_proj_from_blip2(model, src):
     weights = {f"llm_proj.{k}": v for k, v in blip2_language_projection(src).items()}
     load_weights(model, weights, f"the language projection of {src}", required=())
     return model
+
+
+# -----------------------------------------------------------------------------
+# Blip2Stage1 / Blip2Stage2 -> Hugging Face BLIP-2 (export_hf.py writes the directory)
+
+
+def unexportable(model):
+    """Why a Blip2Stage1 / Blip2Stage2 cannot be written as a Hugging Face BLIP-2, or None. HF's BLIP-2 reads one
+    image through an EVA-style ViT (pre-LN blocks, exact GELU, q/v bias, no pre-norm, no rotary embedding)."""
+    c = model.config
+    if c.feature_dim:
+        return (f"this model reads pre-extracted clip features (feature_dim={c.feature_dim}); Hugging Face's BLIP-2 "
+                f"reads images only")
+    if c.num_frames > 1:
+        return (f"this is a clip model (num_frames={c.num_frames}): its learned frame embedding has no place in "
+                f"Hugging Face's BLIP-2, which reads one image")
+    vit = model.visual.vit
+    eva_like = (type(vit).__name__ == "Eva" and vit.rope is None and isinstance(vit.norm_pre, nn.Identity)
+                and vit.num_prefix_tokens == 1 and all(isinstance(b.mlp.act, nn.GELU) and b.mlp.act.approximate == "none"
+                                                       for b in vit.blocks if hasattr(b.mlp, "act")))
+    if not eva_like:
+        return (f"the image encoder '{c.vit_model}' ({type(vit).__name__}) is not EVA-style (pre-LN blocks, exact "
+                f"GELU, q/v bias, no pre-norm, no rotary embedding), the only one Hugging Face's BLIP-2 vision model "
+                f"computes")
+    return None
+
+
+def hf_config_of(model, text_config=None, image_token_index=None):
+    """The Hugging Face Blip2Config of a Blip2Stage1 (text_config None) or Blip2Stage2 (text_config: its LLM's):
+    the mirror of _config_from_hf. HF's vision config has one LayerNorm eps for the blocks and ln_vision; the
+    blocks' is kept."""
+    from transformers import Blip2Config as HFBlip2Config, Blip2QFormerConfig, Blip2VisionConfig
+
+    c, vit = model.config, model.visual.vit
+    block = vit.blocks[0]
+    vision = Blip2VisionConfig(hidden_size=model.visual.width, intermediate_size=block.mlp.fc1.out_features,
+                               num_hidden_layers=len(vit.blocks), num_attention_heads=block.attn.num_heads,
+                               image_size=c.image_size, patch_size=vit.patch_embed.patch_size[0],
+                               layer_norm_eps=block.norm1.eps, qkv_bias=True, hidden_act="gelu")
+    qformer = Blip2QFormerConfig(hidden_size=c.hidden_size, num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                                 intermediate_size=c.intermediate_size, cross_attention_frequency=c.cross_attention_freq,
+                                 encoder_hidden_size=model.visual.width, vocab_size=c.vocab_size,
+                                 max_position_embeddings=c.max_position_embeddings, layer_norm_eps=c.layer_norm_eps,
+                                 hidden_dropout_prob=c.dropout, attention_probs_dropout_prob=c.dropout,
+                                 use_qformer_text_input=text_config is None)
+    return HFBlip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                         text_config=None if text_config is None else text_config.to_dict(),
+                         num_query_tokens=c.num_query_tokens, image_token_index=image_token_index,
+                         image_text_hidden_size=c.embed_dim)
+
+
+def ours_to_hf(state_dict, hf_keys, source, left_behind=()):
+    """The reverse of hf_to_ours, with its own table: this project's weights (minus the LLM) under the names
+    `hf_keys` of a Hugging Face BLIP-2 (the language model's are skipped). Every HF key must find its weight, and
+    every weight of ours a key, but those starting with one of `left_behind` (what HF keeps no place for)."""
+    out, used = {}, set()
+    for key in hf_keys:
+        if key.startswith("language_model."):
+            continue
+        qkv_bias = re.fullmatch(_HF_QKV_BIAS, key)
+        if qkv_bias:  # EVA's q_bias and v_bias -> HF's cat(q_bias, 0, v_bias)
+            block = f"visual.vit.blocks.{qkv_bias.group(1)}.attn."
+            q, v = state_dict[block + "q_bias"], state_dict[block + "v_bias"]
+            out[key] = torch.cat([q, torch.zeros_like(q), v])
+            used.update((block + "q_bias", block + "v_bias"))
+            continue
+        ours = _our_key(key)
+        if ours not in state_dict:
+            raise ValueError(f"{source}: no weight of this model for Hugging Face's {key} (expected {ours})")
+        out[key] = state_dict[ours]
+        used.add(ours)
+    extra = sorted(k for k in state_dict if k not in used and not k.startswith(("llm.", *left_behind)))
+    if extra:
+        raise ValueError(f"{source}: {extra[0]}{f' and {len(extra) - 1} more' if len(extra) > 1 else ''} has no "
+                         f"place in Hugging Face's BLIP-2")
+    return out
