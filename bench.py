@@ -62,9 +62,10 @@ SIZES = {
     "tiny": dict(vit=(64, 2, 4, 128), image=28, patch=14, qformer=(64, 2, 4, 128), queries=8,
                  bert_vocab=256, embed_dim=32, llm=(64, 2, 4, 128), llm_vocab=512),
 }
-# COCO-like captions of 8 to 12 words. world.py's byte tokenizer makes one LLM token per character, so every caption
-# fills max_txt_len = 32 text tokens (OPT's BPE would make about 15): the LLM runs 32 + 32 positions
-# (the LLM's share of the small and real steps is therefore on the high side).
+# COCO-like captions of 8 to 13 words: 10 to 15 BERT tokens, 12.4 on average (the BERT vocabulary has their words).
+# world.py's byte tokenizer makes one LLM token per character, so every caption fills max_txt_len = 32 text tokens
+# (OPT's BPE would make about 15): the LLM runs 32 + 32 positions (its share of the small and real steps is therefore
+# on the high side).
 CAPTIONS = ["a man riding a wave on top of a surfboard in the ocean", "two dogs playing with a frisbee on the grass",
             "a plate of food with broccoli and rice on a wooden table", "a red double decker bus driving down a street",
             "a cat sitting on a laptop keyboard next to a cup of coffee", "a group of people standing around a kitchen",
@@ -111,9 +112,9 @@ def sizes(depth=0):
 def tokenizers(tmp):
     """world.py's BERT WordPiece tokenizer (as a directory) and OPT-style byte tokenizer: their ids stay below
     every size's vocabularies."""
-    from world import bert_tokenizer, byte_tokenizer
+    from world import WORDS, bert_tokenizer, byte_tokenizer
 
-    bert_tokenizer(os.path.join(tmp, "bert"))
+    bert_tokenizer(os.path.join(tmp, "bert"), words=WORDS + [w for c in CAPTIONS for w in c.split()])
     return os.path.join(tmp, "bert"), byte_tokenizer()
 
 
@@ -227,7 +228,8 @@ def freeze_like_blip2(hf):
 
 def make_batch(s, g):
     images = torch.randn(batch_size, 3, s["image"], s["image"], generator=g)
-    texts = [CAPTIONS[int(i)] for i in torch.randint(len(CAPTIONS), (batch_size,), generator=g)]
+    # each caption once in every len(CAPTIONS) samples, in random order: a batch of 8 or more has them all
+    texts = [CAPTIONS[int(i) % len(CAPTIONS)] for i in torch.randperm(batch_size, generator=g)]
     return {"image": images, "text": texts}
 
 
@@ -356,6 +358,17 @@ def count_flops(model, loss_fn, batch, parts):
             vq.append(total() - before)
             return out
         model.vq_loss = counted
+    # stage 1 computes its images' keys and values (QFormer.read_image) outside any layer's forward: added here
+    read_image, image_reads = None, []
+    if "q-former" in parts and hasattr(model, "qformer"):
+        read_image, patched = model.qformer.read_image, model.qformer.__dict__.get("read_image")
+
+        def read_counted(*args):
+            before = total()
+            out = read_image(*args)
+            image_reads.append(total() - before)
+            return out
+        model.qformer.read_image = read_counted
     try:
         with counter:
             with autocast():
@@ -367,6 +380,12 @@ def count_flops(model, loss_fn, batch, parts):
         for h in handles:
             h.remove()
         model.__dict__.pop("vq_loss", None)
+        if read_image is not None:  # the class's method again, or what was patched in (stage1_as_before)
+            model.qformer.__dict__.pop("read_image")
+            if patched is not None:
+                model.qformer.read_image = patched
+    if image_reads:
+        fwd["q-former"] += sum(image_reads)
     out = {part: [fwd[part], 0] for part in parts}
     if llm_bwd:
         out["llm"][1] = llm_bwd[0] - fwd_total
@@ -382,8 +401,10 @@ def count_flops(model, loss_fn, batch, parts):
 def flops_at_full_depth(stage_):
     """FLOPs of one batch by part, {part: [forward, backward]}, at the size's full ViT and LLM depths, counted on
     models of the same widths with 1 and 2 ViT and LLM layers: every layer of a part does the same work, so a part
-    costs fixed + depth x per-layer, exactly (not a fit). A real-size step is minutes on a CPU and needs more memory
-    than a laptop has; these two take seconds."""
+    costs fixed + depth x per-layer, exactly (not a fit); on fake tensors (shapes without values, no arithmetic). A
+    real-size step is minutes on a CPU and needs more memory than a laptop has; these two take seconds."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     full = {"vit": sizes()["vit"][1], "llm": sizes()["llm"][1]}
     batch = make_batch(sizes(), torch.Generator().manual_seed(seed))
     counted = []
@@ -392,7 +413,8 @@ def flops_at_full_depth(stage_):
         with tempfile.TemporaryDirectory() as tmp, quiet():
             model, _, loss_fn, parts = build(stage_, sizes(depth), tmp, with_hf=False)
         model.train()
-        counted.append(count_flops(model, loss_fn, batch, parts))
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            counted.append(count_flops(model, loss_fn, batch, parts))
         del model
     one, two = counted
     return {part: [a + (full.get(part, 1) - 1) * (b - a) for a, b in zip(one[part], two[part])] for part in one}
@@ -408,7 +430,112 @@ def print_flops_only(stage_):
     print("samples/s per GPU at 100% / 50% MFU: " + " | ".join(
         f"{name} {peak / per_sample:.0f} / {0.5 * peak / per_sample:.0f}" for name, peak, _ in tc.PEAK_FLOPS
         if name in ("H100", "A100")) + " (dense bf16 peaks)")
-    return dict(stage=stage_, flops=flops, flops_per_sample=per_sample)
+    result = dict(stage=stage_, flops=flops, flops_per_sample=per_sample)
+    if stage_ == 1:  # the variants differ after the ViT: a model with a 1-block ViT, fed its output
+        torch.manual_seed(seed)
+        with tempfile.TemporaryDirectory() as tmp, quiet():
+            model, _, loss_fn, parts = build(1, sizes(depth=1), tmp, with_hf=False)
+        result["ddp"] = stage1_ddp_flops(model.train(), loss_fn, make_batch(s, torch.Generator().manual_seed(seed)),
+                                         parts)
+        print_stage1_flops(result["ddp"])
+    return result
+
+
+# -----------------------------------------------------------------------------
+# stage 1 under DDP, before and after each rank padded its text to its own longest caption and each image's keys and
+# values were computed once per step
+
+STAGE1_RANKS = 8  # the papers' 8 GPUs
+
+
+@contextlib.contextmanager
+def stage1_as_before(model):
+    """Stage 1 computed as it was under DDP (and as LAVIS does): text padded to max_txt_len, and every pass that reads
+    an image (the query pass and ITM's three pairs) projecting its keys and values anew. The same losses and gradients
+    (tests/test_model.py), more work."""
+    def padded(captions, device):
+        t = model.tokenizer(captions, padding="max_length", truncation=True, max_length=model.config.max_txt_len,
+                            return_tensors="pt")
+        return t.input_ids.to(device), t.attention_mask.to(device)
+
+    saved = model.qformer.__dict__.get("read_image")
+    model.qformer.read_image = lambda image_embeds: image_embeds  # features: each pass's layers project them
+    model.tokenize = padded
+    try:
+        yield model
+    finally:
+        del model.tokenize, model.qformer.read_image
+        if saved is not None:
+            model.qformer.read_image = saved
+
+
+@contextlib.contextmanager
+def simulated_ranks(world):
+    """model.py's collectives as on rank 0 of `world` ranks whose batches are copies of this one, in one process: a
+    step then does what a rank's does under DDP (ITC against the global batch, ITM's negatives drawn from it, their
+    images' keys and values computed from the gathered features, the negative texts at the longest length of all
+    ranks), so its FLOPs are a rank's. (The other ranks' captions are as long as this one's.)"""
+    import model as model_py
+
+    fakes = dict(rank_and_world_size=lambda: (0, world), gather_no_grad=lambda x: torch.cat([x.detach()] * world),
+                 gather_with_grad=lambda x: torch.cat([x] * world), max_over_ranks=lambda n: n)
+    saved = {name: getattr(model_py, name) for name in fakes}
+    for name, fake in fakes.items():
+        setattr(model_py, name, fake)
+    try:
+        yield
+    finally:
+        for name, real in saved.items():
+            setattr(model_py, name, real)
+
+
+def stage1_ddp_flops(model, loss_fn, batch, parts):
+    """{"before": FLOPs by part, "after": ...} of one step as on one of STAGE1_RANKS ranks, counted on fake tensors
+    (shapes without values: seconds at the real size, and a step that read a value on the host would fail here).
+    The step reads the ViT's output (zeros) instead of images: the two variants differ only after it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    batch = dict(batch, image=torch.zeros(len(batch["text"]), model.visual.num_tokens, model.visual.width))
+    ddp = {}
+    with simulated_ranks(STAGE1_RANKS):
+        for name in ("before", "after"):
+            with stage1_as_before(model) if name == "before" else contextlib.nullcontext():
+                with FakeTensorMode(allow_non_fake_inputs=True):
+                    ddp[name] = count_flops(model, loss_fn, batch, parts)
+    return ddp
+
+
+def print_stage1_flops(ddp):
+    """The Q-Former's FLOPs per sample before and after, as on one of STAGE1_RANKS ranks."""
+    per_sample = {name: sum(ddp[name]["q-former"]) / batch_size for name in ddp}
+    print(f"stage 1 as on 1 of {STAGE1_RANKS} ranks, batch {batch_size} per rank; before: text padded to max_txt_len "
+          f"and image keys and values projected in each of 4 passes; after: text padded to the rank's longest caption "
+          f"and keys and values computed once per image (twice for ITM's negative images)")
+    for name in ("before", "after"):
+        print(f"  {name}: ", end="")
+        print_flops(ddp[name])
+    print(f"  Q-Former GFLOP per sample: before {per_sample['before'] / 1e9:.4g}, after {per_sample['after'] / 1e9:.4g}"
+          f" ({100 * (per_sample['after'] / per_sample['before'] - 1):+.1f}%)")
+
+
+def compare_stage1(model, optimizer, loss_fn, batches, parts):
+    """FLOPs (counted) and CPU/GPU step time of stage 1 before and after, as on one of STAGE1_RANKS ranks: the two
+    variants' steps interleaved on the same model and batches (a drift of a shared machine hits both alike)."""
+    ddp = stage1_ddp_flops(model, loss_fn, batches[0], parts)
+    with simulated_ranks(STAGE1_RANKS):
+        times = {"before": [], "after": []}
+        for i in range(warmup + steps):
+            for name in ("after", "before"):
+                with stage1_as_before(model) if name == "before" else contextlib.nullcontext():
+                    t = step(model, optimizer, loss_fn, batches[i])
+                if i >= warmup:
+                    times[name].append(sum(t.values()))
+    print_stage1_flops(ddp)
+    ratio = statistics.median(times["after"]) / statistics.median(times["before"])
+    fastest = min(times["after"]) / min(times["before"])
+    print(f"  step time after / before: {ratio:.3f} (median of {steps} interleaved steps each), {fastest:.3f} "
+          f"(fastest steps)")
+    return dict(ddp=ddp, ddp_step_ratio=ratio, ddp_step_ratio_fastest=fastest)
 
 
 def peak_memory():
@@ -504,6 +631,8 @@ def bench_stage(stage_):
     # the forward by part, in extra steps under torch.profiler (eager runs only)
     parts_s = {} if compile else part_times(model, optimizer, loss_fn, batches[-min(steps, 3):], parts)
     result = report(stage_, ours, parts_s, flops, flops_per_sample, mem, mem_unit)
+    if stage_ == 1 and not compile:
+        result.update(compare_stage1(model, optimizer, loss_fn, batches, parts))
     if theirs:
         total, fastest = result["step_s"], result["fastest_s"]
         hf_total, hf_fastest, hf_phases = summarize(theirs)

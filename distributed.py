@@ -75,6 +75,28 @@ def all_reduce_mean(tensor):
     return tensor / dist.get_world_size()
 
 
+_host_group = {}  # the default process group -> a gloo group over the same ranks, for integers read on the host
+
+
+def max_over_ranks(n):
+    """The largest of the ranks' integers `n`; `n` itself on one process. Exchanged on the host (gloo, over CPU
+    tensors), never through the GPU: an NCCL all-reduce would leave the result on the GPU, and reading it back would
+    make the host wait for all the work queued before it. Under NCCL a gloo group over the same ranks is made on the
+    first call (a collective call: every rank makes it at the same point of the same step)."""
+    if rank_and_world_size()[1] == 1:
+        return n
+    group = None
+    if dist.get_backend() != "gloo":
+        world = dist.group.WORLD
+        if world not in _host_group:
+            _host_group.clear()  # a group of an earlier, destroyed process group is no use
+            _host_group[world] = dist.new_group(backend="gloo")
+        group = _host_group[world]
+    value = torch.tensor(n)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return int(value)
+
+
 def gather_objects(obj):
     """[obj of rank 0, obj of rank 1, ...] (any picklable object); [obj] on one process."""
     if rank_and_world_size()[1] == 1:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from backbones import (ClipFeatures, Frozen, FrozenLLM, FrozenViT, freeze, from_pretrained, load_weights,
                        read_state_dict, tensor_checksum)
-from distributed import gather_no_grad, gather_with_grad, rank_and_world_size
+from distributed import gather_no_grad, gather_with_grad, max_over_ranks, rank_and_world_size
 
 # -----------------------------------------------------------------------------
 # 1. config
@@ -84,8 +84,9 @@ class Blip2Config:
 
 
 class Attention(nn.Module):
-    """BERT attention block, post-LN: LN(x + Dropout(Dense(MultiHead(x -> context)))).
-    Self-attention when `context` is None, cross-attention to the image features otherwise."""
+    """BERT attention block, post-LN: LN(x + Dropout(Dense(MultiHead(x -> keys, values)))).
+    Self-attention: keys and values of x itself. Cross-attention: keys and values of the image features, computed by
+    `keys_values` once per image and handed to every pass that reads the image (`kv`)."""
 
     def __init__(self, hidden, heads, dropout, eps, context_dim=None):
         super().__init__()
@@ -100,11 +101,16 @@ class Attention(nn.Module):
     def _heads(self, x):  # B x L x D -> B x H x L x D/H
         return x.view(x.shape[0], x.shape[1], self.heads, -1).transpose(1, 2)
 
-    def forward(self, x, context=None, mask=None, past_kv=None):
+    def keys_values(self, context):
+        """B x N x W -> (k, v), each B x H x N x D/H."""
+        return self._heads(self.key(context)), self._heads(self.value(context))
+
+    def forward(self, x, mask=None, past_kv=None, kv=None):
         """mask: boolean, True = may attend, broadcastable to B x H x L x L_kv. past_kv: cached (k, v) of
-        the queries, prepended to this pass's keys and values (ITG). Returns (output, (k, v))."""
-        context = x if context is None else context
-        q, k, v = self._heads(self.query(x)), self._heads(self.key(context)), self._heads(self.value(context))
+        the queries, prepended to this pass's keys and values (ITG). kv: the (k, v) to attend to, from
+        `keys_values` (cross-attention); default x's own. Returns (output, (k, v))."""
+        q = self._heads(self.query(x))
+        k, v = self.keys_values(x) if kv is None else kv
         if past_kv is not None:
             k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
         p = self.dropout if self.training else 0.0
@@ -141,12 +147,14 @@ class QFormerLayer(nn.Module):
         self.ffn_text = FeedForward(D, c.intermediate_size, c.dropout, c.layer_norm_eps) if with_text else None
 
     def forward(self, h, n_query, mask=None, image=None, image_mask=None, past_kv=None):
+        """image: the image features B x N x W, or this layer's (k, v) of them (QFormer.read_image)."""
         a, kv = self.self_attn(h, mask=mask, past_kv=past_kv)
         queries, text = a[:, :n_query], a[:, n_query:]
         parts = []
         if n_query:
             if self.cross_attn is not None:
-                queries = self.cross_attn(queries, context=image, mask=image_mask)[0]
+                image_kv = self.cross_attn.keys_values(image) if torch.is_tensor(image) else image
+                queries = self.cross_attn(queries, mask=image_mask, kv=image_kv)[0]
             parts.append(self.ffn_query(queries))
         if text.shape[1]:
             parts.append(self.ffn_text(text))
@@ -160,6 +168,8 @@ class QFormer(nn.Module):
       encode_text:    text alone, bidirectional                               (ITC text side; P-Former)
       encode_joint:   queries + text, everything sees everything             (ITM)
       decode_text:    text over the cached query states, causal over text    (ITG)
+    `image` is the image features (B x N_img x W), or what `read_image` made of them: the keys and values of every
+    cross-attention layer, which stage 1 computes once per image and hands to every pass over that image.
     image_mask (B x N_img, True = real) hides padded frames of a clip from the cross-attention.
     With `with_text=False` (stage 2) the text embeddings and text feed-forward blocks are not built;
     with `num_query_tokens=0` (P-Former) neither are the queries, their FFNs, nor cross-attention."""
@@ -191,10 +201,18 @@ class QFormer(nn.Module):
         h = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         return F.dropout(self.embed_norm(h), self.config.dropout, self.training)
 
+    def read_image(self, image_embeds):
+        """What the cross-attention layers read of the image: each one's (k, v), B x H x N_img x D/H (None for the
+        layers without cross-attention). The same for every pass over the same image; the gradient reaches the key
+        and value weights and ln_vision through every pass that reads them."""
+        return [None if layer.cross_attn is None else layer.cross_attn.keys_values(image_embeds)
+                for layer in self.layers]
+
     def _run(self, h, n_query, mask=None, image=None, image_mask=None, past_kvs=None):
         kvs = []
         for i, layer in enumerate(self.layers):
-            h, kv = layer(h, n_query, mask, image, image_mask, None if past_kvs is None else past_kvs[i])
+            layer_image = image if image is None or torch.is_tensor(image) else image[i]  # features, or its (k, v)
+            h, kv = layer(h, n_query, mask, layer_image, image_mask, None if past_kvs is None else past_kvs[i])
             kvs.append(kv)
         return h, kvs
 
@@ -202,21 +220,22 @@ class QFormer(nn.Module):
     def _keys(image_mask):
         return None if image_mask is None else image_mask[:, None, None, :].bool()
 
-    def encode_queries(self, image_embeds, image_mask=None):
-        """Queries read the image: B x N x W -> Z: B x Q x D, plus each layer's (k, v) for ITG."""
-        h = self.embed(with_queries=True, batch_size=image_embeds.shape[0])
-        return self._run(h, h.shape[1], image=image_embeds, image_mask=self._keys(image_mask))
+    def encode_queries(self, image, image_mask=None):
+        """Queries read the image: B x N x W (or read_image's) -> Z: B x Q x D, plus each layer's (k, v) for ITG."""
+        batch_size = image.shape[0] if torch.is_tensor(image) else next(kv for kv in image if kv)[0].shape[0]
+        h = self.embed(with_queries=True, batch_size=batch_size)
+        return self._run(h, h.shape[1], image=image, image_mask=self._keys(image_mask))
 
     def encode_text(self, ids, mask):
         """Text alone, bidirectional; padding hidden. B x L -> B x L x D ([CLS] feature at position 0)."""
         return self._run(self.embed(ids), 0, mask=mask[:, None, None, :].bool())[0]
 
-    def encode_joint(self, image_embeds, ids, mask, image_mask=None):
+    def encode_joint(self, image, ids, mask, image_mask=None):
         """ITM: queries and text see each other (padding hidden); queries also read the image. B x (Q+L) x D."""
         h = self.embed(ids, with_queries=True)
         Q = h.shape[1] - ids.shape[1]
         keys = torch.cat([mask.new_ones(mask.shape[0], Q), mask], dim=1)
-        return self._run(h, Q, mask=keys[:, None, None, :].bool(), image=image_embeds,
+        return self._run(h, Q, mask=keys[:, None, None, :].bool(), image=image,
                          image_mask=self._keys(image_mask))[0]
 
     def decode_text(self, ids, mask, query_kvs):
@@ -228,6 +247,23 @@ class QFormer(nn.Module):
         keys = torch.cat([mask.new_ones(mask.shape[0], Q), mask], dim=1).bool()
         return self._run(self.embed(ids), 0, mask=allowed[None, None] & keys[:, None, None, :],
                          past_kvs=query_kvs)[0]
+
+
+def select_images(image, index):
+    """The images `index` (an index tensor into the batch) of a batch of image features or of read_image's output.
+    index_select, not image[index]: an image drawn twice sums its two gradients, and indexing's backward (index_put
+    with accumulate) adds them in a different order from run to run on a multi-threaded CPU; index_select's
+    backward (index_add) adds them in order, so the same seed gives the same weights."""
+    if torch.is_tensor(image):
+        return image.index_select(0, index)
+    return [None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index)) for kv in image]
+
+
+def cat_images(*images):
+    """Batches of image features, or read_image's outputs of them, as one batch."""
+    if torch.is_tensor(images[0]):
+        return torch.cat(images)
+    return [None if kvs[0] is None else tuple(torch.cat(t) for t in zip(*kvs)) for kvs in zip(*images)]
 
 
 class LMHead(nn.Module):
@@ -416,11 +452,10 @@ class Blip2Stage1(VisualQueries):
     # -- features, shared by the losses and by retrieval evaluation
 
     def tokenize(self, captions, device):
-        """[CLS] caption [SEP], at most max_txt_len tokens, right-padded. Padding is hidden from every pass and
-        every loss, so on one process the batch is padded only to its longest caption (less work, same losses);
-        under DDP to max_txt_len, as LAVIS does, because ITM gathers the ids of all ranks into one tensor."""
-        padding = "max_length" if rank_and_world_size()[1] > 1 else "longest"
-        t = self.tokenizer(captions, padding=padding, truncation=True, max_length=self.config.max_txt_len,
+        """[CLS] caption [SEP], at most max_txt_len tokens, right-padded to the longest caption of this rank's batch
+        (LAVIS pads to max_txt_len). Padding is hidden from every pass and every loss: less work, same losses. Only
+        ITM's negative texts, gathered from all ranks, need one length for all: see itm_loss."""
+        t = self.tokenizer(captions, padding="longest", truncation=True, max_length=self.config.max_txt_len,
                            return_tensors="pt")
         return t.input_ids.to(device, non_blocking=True), t.attention_mask.to(device, non_blocking=True)
 
@@ -432,9 +467,10 @@ class Blip2Stage1(VisualQueries):
         """ITC text side: normalised projection of the [CLS] output of the text-only pass, B x 256, fp32."""
         return F.normalize(self.text_proj(self.qformer.encode_text(ids, mask)[:, 0]).float(), dim=-1)
 
-    def itm_logits(self, image_embeds, ids, mask, image_mask=None):
-        """ITM: mean over the Q query outputs of the joint pass of itm_head, B x 2 (class 1 = match)."""
-        out = self.qformer.encode_joint(image_embeds, ids, mask, image_mask)
+    def itm_logits(self, image, ids, mask, image_mask=None):
+        """ITM: mean over the Q query outputs of the joint pass of itm_head, B x 2 (class 1 = match). image: the
+        features B x N x W, or their keys and values (QFormer.read_image)."""
+        out = self.qformer.encode_joint(image, ids, mask, image_mask)
         return self.itm_head(out[:, : self.config.num_query_tokens]).mean(1)
 
     @staticmethod
@@ -456,7 +492,10 @@ class Blip2Stage1(VisualQueries):
             Z = self.query_outputs(image, frame_mask)  # B x Q x D
         else:
             image_embeds, image_mask = self.image_embeds(image, frame_mask)  # B x N x W
-            Z, query_kvs = self.qformer.encode_queries(image_embeds, image_mask)  # B x Q x D, each layer's (k, v)
+            # the image's keys and values in every cross-attention layer, computed here once for the query pass
+            # and ITM
+            image_kvs = self.qformer.read_image(image_embeds)  # per layer 2 x B x H x N x D/H
+            Z, query_kvs = self.qformer.encode_queries(image_kvs, image_mask)  # B x Q x D, each layer's query (k, v)
             ids, mask = self.tokenize(captions, image.device)
         if wanted & {"itc", "itm"}:  # ITM draws its negatives from the ITC similarities
             img, txt = self.image_feats(Z), self.text_feats(ids, mask)  # B x Q x 256, B x 256
@@ -464,8 +503,8 @@ class Blip2Stage1(VisualQueries):
             itc, sim_i2t, sim_t2i = self.itc_loss(img, txt, positives)
             losses.update({"itc": itc} if "itc" in wanted else {})
             if "itm" in wanted:
-                losses["itm"] = self.itm_loss(image_embeds, image_mask, ids, mask, sim_i2t, sim_t2i, positives,
-                                              neg_generator)
+                losses["itm"] = self.itm_loss(image_embeds, image_kvs, image_mask, ids, mask, sim_i2t, sim_t2i,
+                                              positives, neg_generator)
         if "itg" in wanted:
             losses["itg"] = self.itg_loss(ids, mask, query_kvs)
         if self.pformer is not None:
@@ -496,17 +535,14 @@ class Blip2Stage1(VisualQueries):
                 + F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
         return loss, sim_i2t, sim_t2i
 
-    def itm_loss(self, image_embeds, image_mask, ids, mask, sim_i2t, sim_t2i, positives, generator=None):
+    def itm_loss(self, image_embeds, image_kvs, image_mask, ids, mask, sim_i2t, sim_t2i, positives, generator=None):
         """ITM: for each text one negative image, for each image one negative text, drawn from the softmax of
         the ITC similarities over the whole global batch with the positives masked out; the negative images
-        carry gradient. 3B pairs: (text, image), (text, negative image), (negative text, image)."""
-        rank, _ = rank_and_world_size()
+        carry gradient. 3B pairs: (text, image), (text, negative image), (negative text, image), in two passes:
+        the pairs of this rank's own texts at their length, and the negative texts at one length for all ranks.
+        image_kvs: this rank's images as the cross-attention reads them (QFormer.read_image)."""
+        rank, world = rank_and_world_size()
         B = ids.shape[0]
-        # gathered in the autocast dtype: a quarter of fp32's traffic with bf16, forward and backward
-        half = torch.get_autocast_dtype(image_embeds.device.type) if torch.is_autocast_enabled() else None
-        image_all = gather_with_grad(image_embeds.to(half) if half else image_embeds)  # (B * world) x N x W
-        ids_all, mask_all = gather_no_grad(ids), gather_no_grad(mask)
-        image_mask_all = None if image_mask is None else gather_no_grad(image_mask)
         with torch.no_grad():
             # Exp(1) noise for the whole global batch, same on every rank when `generator` is seeded alike;
             # this rank takes its rows, so the draw does not depend on the number of ranks
@@ -515,15 +551,26 @@ class Blip2Stage1(VisualQueries):
             noise = noise[:, rank * B: rank * B + B]
             neg_image = sample_negatives(sim_t2i, positives, noise[0])  # B indices into the global batch
             neg_text = sample_negatives(sim_i2t, positives, noise[1])
-        ids_itm = torch.cat([ids, ids, ids_all[neg_text]])
-        mask_itm = torch.cat([mask, mask, mask_all[neg_text]])
-        # index_select, not image_all[neg_image]: an image drawn twice sums its two gradients, and indexing's
-        # backward (index_put with accumulate) adds them in a different order from run to run on a multi-threaded
-        # CPU; index_select's backward (index_add) adds them in order: the same seed gives the same weights
-        image_itm = torch.cat([image_embeds.to(image_all.dtype), image_all.index_select(0, neg_image),
-                               image_embeds.to(image_all.dtype)])
-        image_mask_itm = None if image_mask is None else torch.cat([image_mask, image_mask_all[neg_image], image_mask])
-        logits = self.itm_logits(image_itm, ids_itm, mask_itm, image_mask_itm)  # 3B x 2
+        image_mask_all = None if image_mask is None else gather_no_grad(image_mask)
+        if world == 1:  # the negative images are this batch's: their keys and values are computed already
+            neg_image_kvs = select_images(image_kvs, neg_image)
+        else:  # they may be another rank's: computed here from the gathered features. Gathering the keys and values
+            # instead would move and hold 6.5 times as much (6 layers x 2 x 768 wide per image token, against 1408):
+            # 4.9 GB against 0.74 GB per GPU in bf16 at 8 x 128 images, to save B images' projections.
+            # Gathered in the autocast dtype: a quarter of fp32's traffic with bf16, forward and backward.
+            half = torch.get_autocast_dtype(image_embeds.device.type) if torch.is_autocast_enabled() else None
+            image_all = gather_with_grad(image_embeds.to(half) if half else image_embeds)  # (B * world) x N x W
+            neg_image_kvs = self.qformer.read_image(image_all.index_select(0, neg_image))
+        image_mask_own = None if image_mask is None else torch.cat([image_mask, image_mask_all[neg_image]])
+        own = self.itm_logits(cat_images(image_kvs, neg_image_kvs), torch.cat([ids, ids]), torch.cat([mask, mask]),
+                              image_mask_own)  # 2B x 2: (text, image), (text, negative image)
+        # the negative texts: every rank pads its ids to the longest batch of all ranks, so that they gather
+        length = max_over_ranks(ids.shape[1])  # an integer exchanged on the host: no GPU sync
+        pad = (0, length - ids.shape[1])
+        ids_all = gather_no_grad(F.pad(ids, pad, value=self.tokenizer.pad_token_id))  # (B * world) x length
+        mask_all = gather_no_grad(F.pad(mask, pad, value=0))
+        negative_text = self.itm_logits(image_kvs, ids_all[neg_text], mask_all[neg_text], image_mask)  # B x 2
+        logits = torch.cat([own, negative_text])  # 3B x 2
         labels = torch.cat([ids.new_ones(B), ids.new_zeros(2 * B)])
         return F.cross_entropy(logits.float(), labels)
 
@@ -759,8 +806,8 @@ class PFormerStage0(nn.Module):
 
 def compile_blocks(model, **compile_kwargs):
     """torch.compile, in place, the code that does the tensor work: the frozen ViT, each attention regime of the
-    Q-Former (and P-Former) as one graph over all its layers, and the frozen LLM. The Python around them stays eager:
-    the tokenizers read the captions as strings, and a whole-model torch.compile would specialise on their text and
+    Q-Former (and P-Former) as one graph over all its layers (and its read_image), and the frozen LLM. The Python
+    around them stays eager: the tokenizers read the captions as strings, and a whole-model torch.compile would specialise on their text and
     recompile for every batch. One graph per regime, not per layer: the layers differ (cross-attention every other
     layer), and per-layer graphs times regimes times train/eval would pass torch.compile's recompile limit (8) and
     fall back to eager. Parameter names do not change, so checkpoints are the same as without compile."""
@@ -768,7 +815,7 @@ def compile_blocks(model, **compile_kwargs):
         if isinstance(m, FrozenViT):
             m.compile(**compile_kwargs)
         elif isinstance(m, QFormer):
-            for name in ("encode_queries", "encode_text", "encode_joint", "decode_text"):
+            for name in ("read_image", "encode_queries", "encode_text", "encode_joint", "decode_text"):
                 setattr(m, name, torch.compile(getattr(m, name), **compile_kwargs))
         elif isinstance(m, FrozenLLM):
             m.model.compile(**compile_kwargs)

@@ -122,3 +122,21 @@ def test_flops_only_prints_the_gpu_ceilings(tiny_bench, capsys):
     out = capsys.readouterr().out
     assert "samples/s per GPU at 100% / 50% MFU: H100" in out
     assert r["flops_per_sample"] == sum(f + b for f, b in r["flops"].values()) / tiny_bench.batch_size
+
+
+def test_stage1_report_counts_less_work_after_than_before_as_on_one_of_8_ranks(tiny_bench):
+    """The stage-1 report: as on 1 of 8 ranks, text padded to the longest caption and each image's keys and values
+    computed once cost the Q-Former less than text padded to max_txt_len and 4 projections of every image; the
+    counts on fake tensors equal those on real ones."""
+    tiny_bench.cache = True
+    r = tiny_bench.bench_stage(1)
+    before, after = (sum(r["ddp"][name]["q-former"]) for name in ("before", "after"))
+    assert after < 0.8 * before, (after, before)
+    assert r["ddp"]["before"]["vit"] == [0, 0] and r["ddp_step_ratio"] > 0
+    model, _, loss_fn, parts = tiny_bench.build(1, tiny_bench.sizes(), str(tiny_bench.tempfile.mkdtemp()),
+                                                with_hf=False)
+    batch = tiny_bench.make_batch(tiny_bench.sizes(), torch.Generator().manual_seed(0))
+    batch["image"] = torch.zeros(len(batch["text"]), model.visual.num_tokens, model.visual.width)
+    with tiny_bench.simulated_ranks(tiny_bench.STAGE1_RANKS):
+        real = tiny_bench.count_flops(model.train(), loss_fn, batch, parts)
+    assert tiny_bench.stage1_ddp_flops(model, loss_fn, batch, parts)["after"] == real

@@ -19,6 +19,8 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 from transformers import BertTokenizerFast, PreTrainedTokenizerFast
 
+import bench
+import distributed
 import model as model_py
 import tiny
 from model import Blip2Stage1, PFormer
@@ -120,6 +122,10 @@ def recording_negatives():
     return record, drawn
 
 
+# rank 0's captions are shorter than rank 1's: each rank pads its own to its longest, the gathered ITM negative texts
+# to the longest of all
+UNEVEN_CAPTIONS = ["a red square", "a blue circle", "a small green triangle", "the big green triangle above a small red square"]
+
 # samples 0 and 2 show the same image, and sit on different ranks: ITC's soft targets and ITM's masked negatives
 # must find each other across the gather
 IMAGE_IDS = torch.tensor([5, 6, 5, 8])
@@ -176,6 +182,25 @@ def _worker(rank, port, bert, llm_tok, out_path):
             dist.all_reduce(v)
             v /= WORLD
         results["pformer"] = (losses, grads)
+        # stage 1 with captions of another length on each rank, against text padded to max_txt_len with every pass
+        # projecting the image anew (as before the keys-and-values cache)
+        module = build_stage1(bert)
+        net = DistributedDataParallel(module, device_ids=None)
+        uneven = UNEVEN_CAPTIONS[local]
+        results["uneven_length"] = module.tokenize(uneven, "cpu")[0].shape[1]
+        results["uneven"] = step(net, module, images()[local], uneven, stage1=True)
+        module.zero_grad(set_to_none=True)
+        with bench.stage1_as_before(module):
+            results["uneven_before"] = step(net, module, images()[local], uneven, stage1=True)
+        # the longest length of all ranks, exchanged on the host; also through the gloo group an NCCL run makes
+        results["max_over_ranks"] = [distributed.max_over_ranks(10 + rank)]
+        backend = dist.get_backend
+        dist.get_backend = lambda *group: "nccl"
+        try:
+            results["max_over_ranks"] += [distributed.max_over_ranks(20 - rank), distributed.max_over_ranks(30 + rank)]
+            results["host_groups"] = len(distributed._host_group)
+        finally:
+            dist.get_backend = backend
         drawn = drawn[:2]  # the negatives of the first stage-1 run
         parts = [[torch.empty_like(d) for _ in range(WORLD)] for d in drawn]
         for d, p in zip(drawn, parts):  # this rank's negatives, as indices into the global batch
@@ -183,6 +208,8 @@ def _worker(rank, port, bert, llm_tok, out_path):
         results["negatives"] = torch.stack([torch.cat(p) for p in parts])  # 2 x B, in global sample order
         if rank == 0:
             torch.save(results, out_path)
+        elif rank == 1:
+            torch.save({k: results[k] for k in ("uneven", "uneven_before", "uneven_length")}, out_path + ".1")
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -210,7 +237,9 @@ def llm_tok(tmp_path_factory):
 def ddp_results(bert, llm_tok, tmp_path_factory):
     out_path = str(tmp_path_factory.mktemp("ddp") / "results.pt")
     mp.spawn(_worker, args=(free_port(), bert, llm_tok, out_path), nprocs=WORLD, join=True)
-    return torch.load(out_path, weights_only=True)
+    results = torch.load(out_path, weights_only=True)
+    results["rank1"] = torch.load(out_path + ".1", weights_only=True)
+    return results
 
 
 # ---------------------------------------------------------------- comparisons with 1 process, batch B
@@ -272,3 +301,22 @@ def test_same_image_positives_match_single_process(bert, ddp_results, monkeypatc
     plain = step(module, module, images(), STAGE1_CAPTIONS, stage1=True)
     assert not torch.allclose(ref[0]["itc"], plain[0]["itc"])  # the rule changes the loss: samples 0 and 2 match
     assert_same(ddp_results["stage1_same_image"], ref)
+
+
+def test_each_rank_pads_to_its_own_longest_caption_and_reads_each_image_once_with_the_same_losses(bert, ddp_results):
+    """On 2 ranks whose captions differ in length, each rank's losses and (all-reduced) gradients equal those of text
+    padded to max_txt_len with every pass projecting the image anew (the computation before the keys-and-values
+    cache). The common length of ITM's gathered negative texts is the longest of all ranks, exchanged on the host."""
+    lengths = ddp_results["uneven_length"], ddp_results["rank1"]["uneven_length"]
+    assert lengths[0] < lengths[1] < tiny.our_config(bert).max_txt_len, lengths
+    for results in (ddp_results, ddp_results["rank1"]):
+        (after, after_grads), (before, before_grads) = results["uneven"], results["uneven_before"]
+        assert set(after) == {"loss", "itc", "itm", "itg"}
+        for k in after:
+            torch.testing.assert_close(after[k], before[k], rtol=0, atol=1e-6, msg=lambda m: f"{k}: {m}")
+        assert after_grads.keys() == before_grads.keys()
+        for n in after_grads:  # temp's gradient carries 1 / temp^2 times the similarities' rounding (test_model.py)
+            torch.testing.assert_close(after_grads[n], before_grads[n], rtol=0, atol=3e-6 if n == "temp" else 1e-6,
+                                       msg=lambda m: f"{n}: {m}")
+    # the default gloo group, then the gloo group made for a run whose default group is NCCL (made once)
+    assert ddp_results["max_over_ranks"] == [11, 20, 31] and ddp_results["host_groups"] == 1
