@@ -282,5 +282,5 @@ def test_the_host_sync_probe_sees_what_a_gpu_waits_for():
         "index with a boolean device mask (its size is read on the host)", "blocking copy to the device (tensor)"]
     with torch.no_grad(), HostSyncProbe() as probe:
         embeds = llm.embed(on_device)
-        llm.model(inputs_embeds=embeds, attention_mask=(on_device != 1).long())
+        llm.model(inputs_embeds=embeds, attention_mask=(on_device != 1).long(), use_cache=False)
     assert probe.syncs and all("masking_utils.py" in s for s in probe.syncs)
