@@ -45,21 +45,29 @@ part() {  # part NAME LIMIT COMMAND...: run under `timeout`, log to $LOGS/NAME.l
 
 part versions "${LIMITS[0]}" "$PY" - "$MODE" <<'EOF'
 import sys
-import torch, transformers, timm
-print(f"python {sys.version.split()[0]} | torch {torch.__version__} | transformers {transformers.__version__} "
-      f"| timm {timm.__version__}")
-need = {"torch": (torch.__version__, (2, 3)), "transformers": (transformers.__version__, (5, 0)),
-        "timm": (timm.__version__, (1, 0))}  # requirements.txt
-for name, (version, least) in need.items():
-    if tuple(int(x) for x in version.split("+")[0].split(".")[:2]) < least:
-        sys.exit(f"{name} {version} is too old: this code needs {name} >= {'.'.join(map(str, least))}")
+from importlib.metadata import PackageNotFoundError, version
+
+need = {"torch": (2, 3), "transformers": (5, 0), "timm": (1, 0)}  # as requirements.txt
+found = {}
+for name, least in need.items():
+    try:
+        found[name] = version(name)
+    except PackageNotFoundError:
+        sys.exit(f"{name} is not installed: this code needs {name} >= {'.'.join(map(str, least))}")
+print(f"python {sys.version.split()[0]} | " + " | ".join(f"{name} {v}" for name, v in found.items()))
+for name, least in need.items():
+    if tuple(int(x) for x in found[name].split("+")[0].split(".")[:2]) < least:
+        sys.exit(f"{name} {found[name]} is too old: this code needs {name} >= {'.'.join(map(str, least))}")
 if sys.argv[1] == "cuda":
+    import torch
+
     if not torch.cuda.is_available():
         sys.exit("no CUDA GPU visible to torch (run with --cpu for the plumbing only)")
     print(f"GPU: {torch.cuda.get_device_name(0)}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
 else:
     print("GPU: none (--cpu: tiny sizes)")
 EOF
+[ "$status" = 0 ] || exit 1  # nothing else can run: the reason is printed above, in the first seconds
 part bench_stage1 "${LIMITS[1]}" "$PY" bench.py --stage=1 "${BENCH[@]}"
 part bench_stage2 "${LIMITS[2]}" "$PY" bench.py --stage=2 "${BENCH[@]}" --compare_hf=False
 COLUMNS=400 part tests "${LIMITS[3]}" "$PY" -m pytest -q -rfE -p no:cacheprovider "$TESTS"
