@@ -233,6 +233,7 @@ class FrozenLLM(Frozen):
         self.dim = hf_model.get_input_embeddings().embedding_dim
         # HF causal LMs that take `logits_to_keep` (OPT, Llama, Qwen2, ...) compute the LM head on chosen positions
         self._keeps_logits = "logits_to_keep" in inspect.signature(hf_model.forward).parameters
+        self._takes_4d_mask = hf_model.config._attn_implementation in ("sdpa", "eager")
         self.prompt, self.max_txt_len, self.t5_prefix_split = prompt.strip(), max_txt_len, t5_prefix_split
         self.dropout = dropout
 
@@ -297,9 +298,17 @@ class FrozenLLM(Frozen):
         with self.autocast(prompt_embeds.device):
             inputs = self.inputs(prompt_embeds, texts)
             if self.is_encoder_decoder:
-                return self.model(**inputs).loss.float()
+                if self._takes_4d_mask:  # no host sync: the encoder's keys and the decoder's, as 4-D masks
+                    dtype = self.model.dtype
+                    inputs.update(attention_mask=causal_padding_mask(inputs["attention_mask"], dtype, causal=False),
+                                  decoder_attention_mask=causal_padding_mask(inputs["decoder_attention_mask"], dtype))
+                return self.model(**inputs, use_cache=False).loss.float()  # no KV cache: nothing is generated
             labels = inputs.pop("labels")
             Q, L = prompt_embeds.shape[1], labels.shape[1]
+            if self._takes_4d_mask:  # no host sync (see causal_padding_mask); positions as HF derives them for
+                # every real token of [soft prompt; right-padded text]; padding is never attended by a real token
+                inputs.update(attention_mask=causal_padding_mask(inputs["attention_mask"], self.model.dtype),
+                              position_ids=torch.arange(L, device=labels.device)[None])
             if not self._keeps_logits:
                 logits = self.model(**inputs).logits  # B x (Q + L) x V
                 return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
@@ -329,6 +338,18 @@ class FrozenLLM(Frozen):
 
     def decode(self, tokens):
         return [s.strip() for s in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+
+def causal_padding_mask(attention_mask, dtype, causal=True):
+    """The 2-D padding mask (B x L, 1 = token) as an additive 4-D mask, B x 1 x L x L (B x 1 x 1 x L for an encoder's
+    keys, causal=False): 0 where a query may see a key (causal, the key not padding), the dtype's minimum elsewhere.
+    transformers takes a 4-D mask as it is; from a 2-D one it first reads on the host whether the batch has any
+    padding, which on a GPU waits for the device at every training step."""
+    allowed = attention_mask[:, None, None, :].bool()  # B x 1 x 1 x L
+    if causal:
+        L = attention_mask.shape[1]
+        allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=allowed.device).tril()  # B x 1 x L x L
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def split_captions(captions, prompt="", random_split=False):

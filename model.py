@@ -521,7 +521,7 @@ class Blip2Stage1(VisualQueries):
         if image_ids is None or not self.config.same_image_positives:
             own = torch.arange(B, device=device) + rank * B
             return own[:, None] == torch.arange(B * world, device=device)
-        image_ids = image_ids.to(device)
+        image_ids = image_ids.to(device, non_blocking=True)  # from the data loader: no wait for the GPU
         return image_ids[:, None] == gather_no_grad(image_ids)[None, :]
 
     def itc_loss(self, img, txt, positives):

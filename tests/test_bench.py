@@ -140,3 +140,19 @@ def test_stage1_report_counts_less_work_after_than_before_as_on_one_of_8_ranks(t
     with tiny_bench.simulated_ranks(tiny_bench.STAGE1_RANKS):
         real = tiny_bench.count_flops(model.train(), loss_fn, batch, parts)
     assert tiny_bench.stage1_ddp_flops(model, loss_fn, batch, parts)["after"] == real
+
+
+def test_gpu_check_plumbing_on_cpu(tmp_path):
+    """gpu_check.sh --cpu: every part runs although the tests fail before stage 0's benchmark, and the summary gives
+    each stage's figures and the failing test with its first error line."""
+    tests = tmp_path / "test_plumbing.py"
+    tests.write_text("def test_ok():\n    pass\n\n\ndef test_bad():\n    assert 1 == 2, 'boom'\n")
+    env = {**os.environ, "OUT": str(tmp_path / "logs"), "PYTHON": sys.executable, "GPU_CHECK_TESTS": str(tests)}
+    p = subprocess.run(["bash", "gpu_check.sh", "--cpu"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env=env)
+    assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]  # a failed part
+    summary = (tmp_path / "logs" / "summary.txt").read_text()
+    for stage in (1, 2, 0):
+        assert re.search(rf"stage {stage}: [\d.]+ img/s, MFU n/a .*, peak [\d.]+ GiB \[ok", summary), summary
+    assert "tests: 1 failed, 1 passed [FAILED (exit 1)" in summary
+    assert "test_bad - AssertionError: boom" in summary and "torch " in summary

@@ -1,7 +1,8 @@
 """The CUDA paths, proved on CPU where a CPU can: gradient accumulation under DDP (2 gloo ranks), float32 compute over
 half-precision frozen encoders, the frozen LLM computing in its own dtype under a caller's autocast (no re-cast
-weights), torch.compile within its recompile limit through a validation pass, and frozen weights that DDP leaves
-alone. tests/test_cuda.py runs the rest on a GPU."""
+weights), torch.compile within its recompile limit through a validation pass, frozen weights that DDP leaves
+alone, and training steps that never wait for the device (tests/host_sync.py). tests/test_cuda.py runs the rest on
+a GPU."""
 
 import json
 import os
@@ -13,6 +14,8 @@ import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tiny
+import train_common as tc
+from host_sync import HostSyncProbe, mark_host
 from model import Blip2Stage1, compile_blocks, read_checkpoint
 from pretrained import blip2_stage2_from_hf, init_from_bert
 from scripts import read_log, run_script, tiny_data_args
@@ -80,6 +83,38 @@ def test_float32_compute_over_half_precision_frozen_encoders(bert):
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss) and stage2.llm_proj.weight.grad is not None
     assert len(stage2.eval().generate(images(), num_beams=2, max_new_tokens=3)) == 2
+
+
+def autocast_generation_follows_float32(device, margin=0.15):
+    """Greedy captions of 8 images under bf16 autocast equal fp32's token for token, up to each caption's first step
+    where fp32's top logit leads the runner-up by less than `margin` (bf16 moves these logits by up to about 0.06):
+    past a close call the two may part legitimately. llm_proj is scaled up so that the soft prompt, and with it the
+    caption, depends on the image (at random init it barely does: every image got the same caption)."""
+    hf, tok = tiny.hf_blip2("opt")
+    model = blip2_stage2_from_hf(hf, tokenizer=tok).to(device).eval()
+    with torch.no_grad():
+        model.llm_proj.weight.mul_(30)
+    x = images(8).to(device)
+
+    def greedy(autocast):
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            return model.llm.generate_tokens(model.soft_prompt(x), num_beams=1, max_new_tokens=8, output_scores=True,
+                                             return_dict_in_generate=True)
+    want, got = greedy(False), greedy(True)
+    top2 = torch.stack(want.scores, 1).float().topk(2, dim=-1).values  # B x steps x 2
+    decisive = top2[..., 0] - top2[..., 1] >= margin  # B x steps
+    sure = torch.where(decisive.all(1), decisive.shape[1], (~decisive).int().argmax(1)).tolist()  # per caption
+    captions = model.llm.decode(want.sequences)
+    assert len(set(captions)) >= 3, captions  # the image steers the caption
+    assert sum(sure) >= 16, sure  # enough tokens are compared for the check to mean something
+    for row, n in enumerate(sure):
+        assert got.sequences[row, :n].tolist() == want.sequences[row, :n].tolist(), (row, n, captions[row])
+    return sure
+
+
+def test_generation_under_autocast_follows_float32():
+    """On CPU with bf16 autocast; tests/test_cuda.py runs the same on the GPU."""
+    autocast_generation_follows_float32("cpu")
 
 
 class CastCounter(TorchDispatchMode):
@@ -171,3 +206,81 @@ def test_ddp_does_not_broadcast_frozen_weights():
     """Every rank builds the same frozen parts from the same files or seed; broadcasting a ViT-g and an OPT-2.7b at
     start-up would move about 7 GB."""
     mp.spawn(_frozen_rank, args=(free_port(),), nprocs=2, join=True)
+
+
+# ---------------------------------------------------------------- no host synchronisation inside a training step
+
+
+def watch_training_steps(monkeypatch, probe, grad_scaler):
+    """Run train_common's steps (forward and backward, optimizer step, non-finite watch) under `probe`, the data
+    loader's work excluded (its batches are host tensors); with fused AdamW, and a live GradScaler if asked, as
+    the scripts train on a GPU."""
+    make_optimizer, infinite_batches = tc.make_optimizer, tc.infinite_batches
+
+    def watched(f):
+        def run(*args, **kwargs):
+            with probe:
+                return f(*args, **kwargs)
+        return run
+
+    def host_batches(*args, **kwargs):
+        for epoch, batch in infinite_batches(*args, **kwargs):
+            yield epoch, mark_host(batch)
+
+    def paused(batches):
+        while True:
+            with probe.pause():
+                item = next(batches)
+            yield item
+
+    monkeypatch.setattr(tc, "make_optimizer", lambda *a, **k: make_optimizer(*a, **{**k, "device": "cuda"}))
+    monkeypatch.setattr(tc, "infinite_batches", lambda *a, **k: paused(host_batches(*a, **k)))
+    if grad_scaler:
+        monkeypatch.setattr(tc, "make_grad_scaler", lambda *a: torch.amp.GradScaler("cpu"))
+    for name in ("forward_backward", "optimizer_step"):
+        monkeypatch.setattr(tc, name, watched(getattr(tc, name)))
+    monkeypatch.setattr(tc.NonFiniteWatch, "record", watched(tc.NonFiniteWatch.record))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_no_host_sync_inside_a_training_step(tiny_world, tmp_path, monkeypatch, stage):
+    """tests/test_cuda.py's set_sync_debug_mode("error") check, by CPU proxy on the train scripts themselves: their
+    loss functions, the tokenizers' ids and stage 1's image ids moved without blocking, the frozen LLM given masks
+    that transformers need not read, fused AdamW, and for stage 2 the GradScaler of fp16."""
+    w = tiny_world
+    probe = HostSyncProbe()
+    watch_training_steps(monkeypatch, probe, grad_scaler=stage == 2)
+    common = [f"--out_dir={tmp_path}", "--max_steps=2", "--log_interval=1", "--ckpt_interval=100"]
+    if stage == 0:
+        run_script("train_pformer.py", "config/pformer_tiny.py", f"--train_text=['{w}/train.json']",
+                   "--val_text=[]", f"--bert={w}/bert", f"--llm_model={w}/llm", *common)
+    else:
+        extra = [f"--bert={w}/bert"] if stage == 1 else [f"--llm_model={w}/llm", "--stage1_ckpt="]
+        run_script(f"train_stage{stage}.py", f"config/stage{stage}_tiny.py", *tiny_data_args(w), "--val_ann=[]",
+                   *extra, *common)
+    assert len(read_log(tmp_path)) == 2
+    assert probe.syncs == []
+
+
+def test_the_host_sync_probe_sees_what_a_gpu_waits_for():
+    """The probe behind the test above: blocking copies of host tensors, reads of device tensors and sizes that
+    depend on a device tensor's values are caught, their host-side twins are not; and transformers given the 2-D
+    padding mask reads it on the host, hence the 4-D masks of backbones.FrozenLLM.lm_loss."""
+    hf, tok = tiny.hf_blip2("opt")
+    llm = blip2_stage2_from_hf(hf, tokenizer=tok).llm
+    ids = mark_host(torch.tensor([[5, 6, 7], [5, 6, 1]]))
+    with HostSyncProbe() as probe:
+        on_device = ids.to("cpu", non_blocking=True)
+        ids.to(torch.float32).sum().item(), ids[ids > 5], bool(ids.any())  # host tensors: no wait
+        assert probe.syncs == []
+        ids.to(on_device.device)
+        on_device.sum().item()
+        on_device[on_device > 5]
+        torch.tensor([1, 2], device=on_device.device)
+    assert [s.split(" at ")[0] for s in probe.syncs] == [
+        "blocking copy to the device (to)", "a device tensor read as a Python number (.item(), bool(), int())",
+        "index with a boolean device mask (its size is read on the host)", "blocking copy to the device (tensor)"]
+    with torch.no_grad(), HostSyncProbe() as probe:
+        embeds = llm.embed(on_device)
+        llm.model(inputs_embeds=embeds, attention_mask=(on_device != 1).long(), use_cache=False)
+    assert probe.syncs and all("masking_utils.py" in s for s in probe.syncs)
