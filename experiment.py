@@ -48,7 +48,7 @@ SIZES = {  # the world, validation scenes, grid, steps per stage, arguments of e
                  diag=dict(steps=[100, 1000], text_scenes=[200, 2000], old_llm_steps=750)),
     "small": dict(world=dict(n_train=40, n_test=8, n_text=300, vit_steps=20, llm_width=64, llm_layers=2,
                              llm_steps=100, llm_batch=64, llm_lr=0.002, llm_questions=2),
-                  worlds=[0, 1], n_val=8, n_pairs=[16], seeds=[0, 1], pformer=10, stage1=8, stage2=10,
+                  worlds=[0, 1], n_val=8, n_pairs=[16], seeds=[0], pformer=10, stage1=8, stage2=10,
                   args=["--log_interval=2", "--eval_interval=5", "--batch_size=8"],
                   scorers="['CIDEr']", diag=dict(steps=[5], text_scenes=[50], old_llm_steps=40)),
 }

@@ -367,14 +367,18 @@ def test_stop_signals_in_one_process():
 
     from train_common import StopSignals
 
-    before = signal.getsignal(signal.SIGINT)
-    with StopSignals("cpu") as signals:
-        assert signals.agreed() == 0
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: noted, the step goes on
-        assert signals.agreed() == signal.SIGINT
-        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C interrupts at once
-            os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is before
+    # Python's own Ctrl-C handler, as a script starts with (an earlier test in this process may have left another)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with StopSignals("cpu") as signals:
+            assert signals.agreed() == 0
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: noted, the step goes on
+            assert signals.agreed() == signal.SIGINT
+            with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C interrupts at once
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def _two_rank_worker(rank, port, out):
