@@ -27,6 +27,8 @@ import sys
 import time
 from collections import Counter
 
+from metrics import write_json
+
 SIZES = {  # world.py settings, the steps of each stage, and the caption scorers
     "full": dict(world={}, pformer=300, stage1=300, stage2=600, log_interval=20,
                  scorers="['BLEU','METEOR','ROUGE-L','CIDEr']"),
@@ -76,8 +78,8 @@ def recipe(script, args):
     """A stage's recipe: its script, its arguments, and the identity of every world or checkpoint they name (a
     rebuilt world, or a retrained parent stage, is a new recipe)."""
     paths = [a.split("=", 1)[1] for a in args if "=" in a]
-    inputs = {p: identity(p) for p in paths if os.path.exists(p) and identity(p) is not None}
-    return dict(script=script, args=list(args), inputs=inputs)
+    identities = {p: identity(p) for p in paths if os.path.exists(p)}
+    return dict(script=script, args=list(args), inputs={p: i for p, i in identities.items() if i is not None})
 
 
 def train(name, script, config, out_dir, steps, data, timings, *extra):
@@ -107,7 +109,7 @@ def train(name, script, config, out_dir, steps, data, timings, *extra):
             print(f"=== {name}: {out_dir} was made from other settings or inputs: training it again")
             args.append("--overwrite=True")
     os.makedirs(out_dir, exist_ok=True)
-    write_json_atomic(record, wanted)
+    write_json(record, wanted, indent=1)
     run(name, [script, *args], timings)
     return ckpt
 
@@ -120,12 +122,6 @@ def read_json(path):
         return json.load(f)
 
 
-def write_json_atomic(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
 def evaluate(name, ckpt, task, ann, out_dir, data, timings, scorers, media="images"):
     """eval.py on the held-out scenes (or clips: media="videos"), unless its metrics were computed with the same
     arguments from the same checkpoint (its identity) and the same world."""
@@ -136,7 +132,7 @@ def evaluate(name, ckpt, task, ann, out_dir, data, timings, scorers, media="imag
     wanted = recipe("eval.py", args + [f"--world={data}"])
     if not (os.path.isfile(metrics) and read_json(record) == wanted):
         run(name, ["eval.py", *args], timings)
-        write_json_atomic(record, wanted)
+        write_json(record, wanted, indent=1)
     with open(metrics) as f:
         return json.load(f)["metrics"]
 
