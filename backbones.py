@@ -216,26 +216,40 @@ def newline_token_id(tokenizer):
 
 
 class FrozenLLM(Frozen):
-    """The frozen language model, driven through `inputs_embeds` by a soft prompt (B x Q x d_LLM) in front of its
-    text: any Hugging Face decoder-only causal LM (OPT, Llama-family such as SmolLM2 or Qwen) or an encoder-decoder
-    FlanT5. Frozen; in eval mode unless `dropout` (the official code leaves OPT in train mode, so its dropout 0.1 is
-    on in the losses). Computes in its weights' own dtype whatever its caller's autocast. `prompt`: a text prompt
-    after the soft prompt (e.g. "a photo of"); `max_txt_len`: text tokens kept; `t5_prefix_split`: split_captions."""
+    """The frozen decoder-only LLM (OPT in the paper; any Hugging Face causal LM, e.g. the Llama family: SmolLM2,
+    Qwen) driven through `inputs_embeds` by a soft prompt of Q vectors in front of its text (BLIP-2 section 3.3,
+    Figure 3 top). FlanT5 is FrozenT5LLM below; wrap_llm and FrozenLLM.from_pretrained pick the class from the
+    model's config. Frozen; in eval mode unless `dropout` (the official code leaves OPT in train mode, so its dropout
+    0.1 is on in the losses). Computes in its weights' own dtype whatever its caller's autocast.
+    `prompt`: a text prompt after the soft prompt (e.g. "a photo of"); `max_txt_len`: text tokens kept.
 
-    def __init__(self, hf_model, tokenizer, prompt="", max_txt_len=32, t5_prefix_split=False, dropout=False):
+    Lengths in the shape comments: Q soft-prompt vectors; P text-prompt tokens (BOS and the text prompt, given, not
+    predicted; none without a text prompt, BOS then being the first target, as in LAVIS); T caption tokens (the
+    caption and its "\\n", padding included); L = Q + P + T."""
+
+    is_encoder_decoder = False  # as Hugging Face's configs name it; FrozenT5LLM's is True
+    prompt_padding_side = "left"  # generation: left padding keeps every text prompt right next to what follows it
+
+    def __init__(self, hf_model, tokenizer, prompt="", max_txt_len=32, dropout=False):
         super().__init__()
+        if bool(hf_model.config.is_encoder_decoder) != self.is_encoder_decoder:
+            raise ValueError(f"{type(self).__name__} cannot wrap {type(hf_model).__name__} (is_encoder_decoder="
+                             f"{hf_model.config.is_encoder_decoder}): build it with backbones.wrap_llm")
         self.model = freeze(hf_model)
         self.tokenizer = tokenizer
         if tokenizer.pad_token is None:  # Llama-family tokenizers have none; padding is masked out anyway
             tokenizer.pad_token = tokenizer.eos_token
-        self.is_encoder_decoder = bool(hf_model.config.is_encoder_decoder)
-        self.eos_token_id = tokenizer.eos_token_id if self.is_encoder_decoder else newline_token_id(tokenizer)
+        self.eos_token_id = self.end_of_text_id(tokenizer)
         self.dim = hf_model.get_input_embeddings().embedding_dim
         # HF causal LMs that take `logits_to_keep` (OPT, Llama, Qwen2, ...) compute the LM head on chosen positions
         self._keeps_logits = "logits_to_keep" in inspect.signature(hf_model.forward).parameters
         self._takes_4d_mask = hf_model.config._attn_implementation in ("sdpa", "eager")
-        self.prompt, self.max_txt_len, self.t5_prefix_split = prompt.strip(), max_txt_len, t5_prefix_split
-        self.dropout = dropout
+        self.prompt, self.max_txt_len, self.dropout = prompt.strip(), max_txt_len, dropout
+
+    @staticmethod
+    def end_of_text_id(tokenizer):
+        """Where generation stops: "\\n", which ends every caption in training."""
+        return newline_token_id(tokenizer)
 
     def train(self, mode=True):
         super().train(False)
@@ -244,12 +258,14 @@ class FrozenLLM(Frozen):
 
     @classmethod
     def from_pretrained(cls, name, dtype="float32", **options):
+        """The LLM `name` (a Hub name or a directory), its weights in `dtype`, wrapped as wrap_llm does: a FrozenLLM
+        for a causal LM, a FrozenT5LLM for FlanT5. Options as wrap_llm."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
         config = from_pretrained(AutoConfig, name, "LLM")
         loader = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         model = from_pretrained_checked(loader, name, "LLM", dtype=DTYPES[dtype])
-        return cls(model, from_pretrained(AutoTokenizer, name, "LLM tokenizer"), **options)
+        return wrap_llm(model, from_pretrained(AutoTokenizer, name, "LLM tokenizer"), **options)
 
     def embed(self, ids):
         return self.model.get_input_embeddings()(ids)
@@ -263,74 +279,62 @@ class FrozenLLM(Frozen):
                               return_tensors="pt")
 
     def with_soft_prompt(self, prompt_embeds, tokens, prompt_mask=None):
-        """[soft prompt (Q); embedded tokens] and its attention mask [prompt_mask or 1] * Q + the tokens' mask."""
+        """[soft prompt; embedded tokens] and its attention mask [prompt_mask, or all 1] + the tokens' mask.
+        prompt_embeds B x Q x d_LLM, tokens B x N -> B x (Q + N) x d_LLM, B x (Q + N)."""
         tokens = tokens.to(prompt_embeds.device, non_blocking=True)  # no wait for the GPU
         embeds = torch.cat([prompt_embeds.to(self.model.dtype), self.embed(tokens.input_ids)], dim=1)
         if prompt_mask is None:
-            prompt_mask = tokens.attention_mask.new_ones(prompt_embeds.shape[:2])
+            prompt_mask = tokens.attention_mask.new_ones(prompt_embeds.shape[:2])  # B x Q
         return embeds, torch.cat([prompt_mask.to(tokens.attention_mask), tokens.attention_mask], dim=1)
 
     def inputs(self, prompt_embeds, texts):
-        """The LLM's inputs for the LM loss of `texts` after the soft prompt, as keyword arguments of its forward.
-        Decoder-only: [soft prompt (Q); BOS + text prompt + " " + text + "\n"], right-padded to the longest (at
-        most max_txt_len tokens); labels -100 on the soft prompt, the padding, BOS and the text prompt. As in LAVIS,
-        the hidden length is that of the prompt alone (BOS + "a photo of"), so the caption's first word is learned.
-        FlanT5: the encoder reads [soft prompt; prefix], the decoder's labels are the rest of the text."""
-        if self.is_encoder_decoder:
-            prefixes, targets = split_captions(texts, self.prompt, self.t5_prefix_split)
-            embeds, attn = self.with_soft_prompt(prompt_embeds, self.tokenize(prefixes, max_length=self.max_txt_len))
-            dec = self.tokenize(targets, max_length=self.max_txt_len).to(embeds.device, non_blocking=True)
-            labels = dec.input_ids.masked_fill(dec.attention_mask == 0, -100)
-            return dict(inputs_embeds=embeds, attention_mask=attn, labels=labels,
-                        decoder_attention_mask=dec.attention_mask)
+        """The LLM's inputs for the LM loss of `texts` after the soft prompt, as keyword arguments of its forward:
+        [soft prompt (Q); BOS + text prompt (P) + " " + text + "\\n" (T)], right-padded to the longest (P + T at
+        most max_txt_len), its attention mask, and labels that are -100 on the soft prompt, the text prompt and the
+        padding. As in LAVIS, the hidden length is that of the prompt alone (BOS + "a photo of"), so the caption's
+        first word is learned."""
+        Q = prompt_embeds.shape[1]
         joined = [f"{self.prompt} {text}\n" if self.prompt else text + "\n" for text in texts]
-        t = self.tokenize(joined, max_length=self.max_txt_len)
-        embeds, attn = self.with_soft_prompt(prompt_embeds, t)
-        labels = t.input_ids.to(embeds.device, non_blocking=True).masked_fill(attn[:, prompt_embeds.shape[1]:] == 0,
-                                                                             -100)
+        tokens = self.tokenize(joined, max_length=self.max_txt_len)  # B x (P + T)
+        embeds, attn = self.with_soft_prompt(prompt_embeds, tokens)  # B x L x d_LLM, B x L
+        labels = tokens.input_ids.to(embeds.device, non_blocking=True).masked_fill(attn[:, Q:] == 0, -100)
         if self.prompt:  # BOS and the text prompt are given, not predicted
-            labels[:, : len(self.tokenizer(self.prompt).input_ids)] = -100
-        labels = torch.cat([labels.new_full(prompt_embeds.shape[:2], -100), labels], dim=1)
+            labels[:, : len(self.tokenizer(self.prompt).input_ids)] = -100  # the first P
+        labels = torch.cat([labels.new_full(prompt_embeds.shape[:2], -100), labels], dim=1)  # B x L
         return dict(inputs_embeds=embeds, attention_mask=attn, labels=labels)
 
     def lm_loss(self, prompt_embeds, texts):
-        """The LM loss of `texts` after the soft prompt: token-level cross-entropy, mean over the batch's targets."""
+        """The LM loss of `texts` after the soft prompt (B x Q x d_LLM): token-level cross-entropy of each token
+        given those before it, mean over the batch's targets."""
         with self.autocast(prompt_embeds.device):
             inputs = self.inputs(prompt_embeds, texts)
-            if self.is_encoder_decoder:
-                if self._takes_4d_mask:  # no host sync: the encoder's keys and the decoder's, as 4-D masks
-                    dtype = self.model.dtype
-                    inputs.update(attention_mask=causal_padding_mask(inputs["attention_mask"], dtype, causal=False),
-                                  decoder_attention_mask=causal_padding_mask(inputs["decoder_attention_mask"], dtype))
-                return self.model(**inputs, use_cache=False).loss.float()  # no KV cache: nothing is generated
-            labels = inputs.pop("labels")
+            labels = inputs.pop("labels")  # B x L
             Q, L = prompt_embeds.shape[1], labels.shape[1]
             if self._takes_4d_mask:  # no host sync (see causal_padding_mask); positions as HF derives them for
                 # every real token of [soft prompt; right-padded text]; padding is never attended by a real token
                 inputs.update(attention_mask=causal_padding_mask(inputs["attention_mask"], self.model.dtype),
                               position_ids=torch.arange(L, device=labels.device)[None])
             if not self._keeps_logits:
-                logits = self.model(**inputs).logits  # B x (Q + L) x V
+                logits = self.model(**inputs).logits  # B x L x V
                 return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
-            # speed: the LM head (d_LLM x V) and the softmax only where a text token is predicted, positions
-            # Q-1 .. Q+L-2 (the soft prompt's own positions predict nothing): B x L x V instead of B x (Q + L) x V.
-            # No KV cache either: nothing is generated.
+            # speed: the LM head (d_LLM x V) and the softmax only where a text token is predicted: positions
+            # Q-1 .. L-2 predict tokens Q .. L-1 (the soft prompt's own positions predict nothing), B x (P + T) x V
+            # instead of B x L x V. No KV cache either: nothing is generated.
             keep = torch.arange(Q - 1, L - 1, device=labels.device)
-            logits = self.model(**inputs, logits_to_keep=keep, use_cache=False).logits  # B x L x V
+            logits = self.model(**inputs, logits_to_keep=keep, use_cache=False).logits  # B x (P + T) x V
             return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, Q:].flatten())
 
     @torch.no_grad()
     def generate_tokens(self, prompt_embeds, prompt=None, num_beams=5, max_new_tokens=30, min_new_tokens=1,
                         length_penalty=1.0, prompt_mask=None, **kwargs):
-        """Token ids generated after a soft prompt and a text prompt (one string, or one per row; default
-        self.prompt): greedy (num_beams=1) or beam search. Decoder-only models stop at "\n", T5 at </s>.
-        prompt_mask (B x Q, 1 = real) hides soft-prompt vectors, e.g. those of a clip's padded frames."""
+        """Token ids generated after a soft prompt (B x Q x d_LLM) and a text prompt (one string, or one per row;
+        default self.prompt): greedy (num_beams=1) or beam search, until eos_token_id; the prompts' ids are not
+        returned. prompt_mask (B x Q, 1 = real) hides soft-prompt vectors, e.g. those of a clip's padded frames."""
         prompt = self.prompt if prompt is None else prompt
         prompts = [prompt] * prompt_embeds.shape[0] if isinstance(prompt, str) else list(prompt)
-        # decoder-only: left padding keeps every text prompt right next to the text generated after it
-        t = self.tokenize(prompts, padding_side="right" if self.is_encoder_decoder else "left")
+        tokens = self.tokenize(prompts, padding_side=self.prompt_padding_side)  # B x P
         with self.autocast(prompt_embeds.device):
-            embeds, attn = self.with_soft_prompt(prompt_embeds, t, prompt_mask)
+            embeds, attn = self.with_soft_prompt(prompt_embeds, tokens, prompt_mask)  # B x (Q + P) x d_LLM
             return self.model.generate(inputs_embeds=embeds, attention_mask=attn, num_beams=num_beams,
                                        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                        length_penalty=length_penalty, eos_token_id=self.eos_token_id,
@@ -338,6 +342,59 @@ class FrozenLLM(Frozen):
 
     def decode(self, tokens):
         return [s.strip() for s in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+
+class FrozenT5LLM(FrozenLLM):
+    """The frozen encoder-decoder FlanT5 (BLIP-2 section 3.3, Figure 3 bottom). What differs from the decoder-only
+    path: the encoder reads [soft prompt; text prefix], the decoder is trained on the rest of the text and
+    generates after it, stopping at </s>. The prefix is the text prompt, as in the released code; with
+    `prefix_split`, a random first part of each caption, as in the paper (split_captions).
+
+    Lengths in the shape comments: Q soft-prompt vectors; P prefix tokens (with </s>); T target tokens (with </s>).
+    The encoder reads Q + P, the decoder T."""
+
+    is_encoder_decoder = True
+    prompt_padding_side = "right"  # the encoder reads the whole prompt at once; its padding is masked
+
+    def __init__(self, hf_model, tokenizer, prompt="", max_txt_len=32, dropout=False, prefix_split=False):
+        super().__init__(hf_model, tokenizer, prompt, max_txt_len, dropout)
+        self.prefix_split = prefix_split
+
+    @staticmethod
+    def end_of_text_id(tokenizer):
+        """Where generation stops: </s>, which ends every decoder target."""
+        return tokenizer.eos_token_id
+
+    def inputs(self, prompt_embeds, texts):
+        """The LLM's inputs for the LM loss of `texts` after the soft prompt, as keyword arguments of its forward:
+        the encoder's [soft prompt (Q); prefix (P)] and its mask, the decoder's targets (T) as labels (-100 on
+        padding) and their mask."""
+        prefixes, targets = split_captions(texts, self.prompt, self.prefix_split)
+        prefix_tokens = self.tokenize(prefixes, max_length=self.max_txt_len)  # B x P
+        embeds, attn = self.with_soft_prompt(prompt_embeds, prefix_tokens)  # B x (Q + P) x d_LLM, B x (Q + P)
+        target_tokens = self.tokenize(targets, max_length=self.max_txt_len).to(embeds.device, non_blocking=True)
+        labels = target_tokens.input_ids.masked_fill(target_tokens.attention_mask == 0, -100)  # B x T
+        return dict(inputs_embeds=embeds, attention_mask=attn, labels=labels,
+                    decoder_attention_mask=target_tokens.attention_mask)
+
+    def lm_loss(self, prompt_embeds, texts):
+        """The LM loss of the decoder's targets given the soft prompt (B x Q x d_LLM) and the prefix: token-level
+        cross-entropy, mean over the batch's targets."""
+        with self.autocast(prompt_embeds.device):
+            inputs = self.inputs(prompt_embeds, texts)
+            if self._takes_4d_mask:  # no host sync: the encoder's keys and the decoder's, as 4-D masks
+                dtype = self.model.dtype
+                inputs.update(attention_mask=causal_padding_mask(inputs["attention_mask"], dtype, causal=False),
+                              decoder_attention_mask=causal_padding_mask(inputs["decoder_attention_mask"], dtype))
+            return self.model(**inputs, use_cache=False).loss.float()  # no KV cache: nothing is generated
+
+
+def wrap_llm(hf_model, tokenizer, prompt="", max_txt_len=32, t5_prefix_split=False, dropout=False):
+    """A Hugging Face LLM and its tokenizer as this project drives them: FrozenT5LLM for an encoder-decoder
+    (FlanT5), FrozenLLM for a causal LM. t5_prefix_split is FlanT5's alone; a causal LM reads whole captions."""
+    if hf_model.config.is_encoder_decoder:
+        return FrozenT5LLM(hf_model, tokenizer, prompt, max_txt_len, dropout, prefix_split=t5_prefix_split)
+    return FrozenLLM(hf_model, tokenizer, prompt, max_txt_len, dropout)
 
 
 def causal_padding_mask(attention_mask, dtype, causal=True):

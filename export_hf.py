@@ -87,8 +87,8 @@ def llm_with_image_token(llm, source):
     """(the LLM's state dict under HF's language_model. names, its config, its tokenizer with <image>, the token's id,
     whether rows were added). <image> takes the first spare embedding row (OPT, FlanT5 and Qwen have padded tables);
     a table with none grows by one zero row, in the input embeddings and in the LM head, and generation suppresses it."""
-    # decoder-only: left padding keeps a batch's prompts next to what is generated after them, as here
-    tokenizer = fresh_tokenizer(llm.tokenizer, "right" if llm.is_encoder_decoder else "left")
+    # prompts padded on the side FrozenLLM.generate_tokens pads them (decoder-only: the left, next to what follows)
+    tokenizer = fresh_tokenizer(llm.tokenizer, llm.prompt_padding_side)
     tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     lm, config = llm.model, copy.deepcopy(llm.model.config)

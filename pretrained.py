@@ -15,7 +15,7 @@ import re
 import torch
 import torch.nn as nn
 
-from backbones import DTYPES, FrozenLLM, from_pretrained, from_pretrained_checked, load_weights
+from backbones import DTYPES, from_pretrained, from_pretrained_checked, load_weights, wrap_llm
 from model import BertBridge, Blip2Config, Blip2Stage1, Blip2Stage2, load_qformer_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -228,8 +228,8 @@ def blip2_stage2_from_hf(src, tokenizer=None, dtype="float32", **config_override
         tokenizer = from_pretrained(AutoTokenizer, src, "tokenizer")
     config = _config_from_hf(hf.config, vit_dtype=dtype, llm_dtype=dtype, llm_model=source, **config_overrides)
     # the LLM module is reused, in the frozen weights' dtype (an in-memory model may come in another)
-    llm = FrozenLLM(hf.language_model.to(DTYPES[dtype]), tokenizer, config.prompt, config.max_txt_len,
-                    config.t5_prefix_split, config.llm_dropout)
+    llm = wrap_llm(hf.language_model.to(DTYPES[dtype]), tokenizer, prompt=config.prompt,
+                   max_txt_len=config.max_txt_len, t5_prefix_split=config.t5_prefix_split, dropout=config.llm_dropout)
     return _load_from_hf(Blip2Stage2(config, llm=llm), hf, source)
 
 

@@ -13,7 +13,7 @@ from transformers import (Blip2ForConditionalGeneration, Blip2ForImageTextRetrie
 
 import export_hf
 import tiny
-from backbones import FrozenLLM
+from backbones import FrozenLLM, wrap_llm
 from model import Blip2Stage1, Blip2Stage2
 from pretrained import blip2_stage1_from_hf, blip2_stage2_from_hf
 from scripts import run_script, train_tiny
@@ -64,7 +64,7 @@ def test_stage2_export_computes_what_this_code_computes(bert, tmp_path, text):
     lm, tok = tiny_llm(text)
     prompt = "a photo of" if text == "t5" else ""
     config = tiny.our_config(bert, ln_vision_eps=1e-6)  # HF's vision config has one eps: the ViT blocks'
-    ours = tiny.perturb(Blip2Stage2(config, llm=FrozenLLM(lm, tok, prompt=prompt)), seed=1)
+    ours = tiny.perturb(Blip2Stage2(config, llm=wrap_llm(lm, tok, prompt=prompt)), seed=1)
     img = images()
     soft = ours.soft_prompt(img)
     inputs = ours.llm.inputs(soft, CAPTIONS)  # before the export: the tokenizer keeps this call's truncation

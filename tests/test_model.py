@@ -9,7 +9,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 import bench
 import tiny
 from tiny import close
-from backbones import FrozenLLM, FrozenViT, split_captions
+from backbones import FrozenLLM, FrozenT5LLM, FrozenViT, split_captions, wrap_llm
 from model import Blip2Stage1, compile_blocks, sample_negatives
 from pretrained import blip2_stage1_from_hf, blip2_stage2_from_hf, init_from_bert
 
@@ -452,6 +452,23 @@ def test_stage2_text_prompt_is_joined_and_hidden_as_lavis_does():
     assert targets == [" red square\n", " a big circle\n"]
     joined = llm.tokenizer(["a photo of red square\n"]).input_ids[0]
     assert torch.equal(embeds[0, 3:3 + len(joined)], llm.embed(torch.tensor(joined)))
+
+
+def test_each_llm_gets_its_own_path():
+    """wrap_llm reads the HF config: FlanT5 gets the encoder-decoder path (stops at </s>, prompts padded right, the
+    prefix split option), a causal LM the decoder-only one (stops at "\n"); a class given the other kind refuses."""
+    t5, t5_tok = tiny.hf_blip2("t5")
+    opt, opt_tok = tiny.hf_blip2("opt")
+    llm = wrap_llm(t5.language_model, t5_tok, t5_prefix_split=True)
+    assert type(llm) is FrozenT5LLM and llm.prefix_split and llm.eos_token_id == t5_tok.eos_token_id
+    assert llm.prompt_padding_side == "right"
+    llm = wrap_llm(opt.language_model, opt_tok, t5_prefix_split=True)  # stage 0's default, meaningless here
+    assert type(llm) is FrozenLLM and llm.eos_token_id == opt_tok("\n", add_special_tokens=False).input_ids[-1]
+    assert llm.prompt_padding_side == "left" and not hasattr(llm, "prefix_split")
+    with pytest.raises(ValueError, match=r"FrozenLLM cannot wrap T5ForConditionalGeneration .*wrap_llm"):
+        FrozenLLM(t5.language_model, t5_tok)
+    with pytest.raises(ValueError, match=r"FrozenT5LLM cannot wrap OPTForCausalLM .*wrap_llm"):
+        FrozenT5LLM(opt.language_model, opt_tok)
 
 
 def test_frozen_llm_dropout_is_an_option():
