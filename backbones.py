@@ -1,9 +1,9 @@
 """
 The frozen parts of BLIP-2, wrapped: the image encoder (a timm ViT, for images and for the frames of a clip),
-pre-extracted clip features in its place, and the LLM (any Hugging Face causal LM, or FlanT5) driven through a soft
-prompt. They stay frozen and in eval mode, compute in their weights' own precision whatever autocast their caller
-runs under, and hand the trainable parts float32. Also the loading of weights that every model here uses: one
-key-and-shape check (load_weights) and files read without running code (read_state_dict).
+pre-extracted clip features in its place, and the LLM driven through a soft prompt (FrozenLLM: any Hugging Face
+causal LM; FrozenT5LLM: FlanT5). They stay frozen and in eval mode, compute in their weights' own precision whatever
+autocast their caller runs under, and hand the trainable parts float32. Also the loading of weights that every
+model here uses: one key-and-shape check (load_weights) and files read without running code (read_state_dict).
 
 model.py builds BLIP-2 and P-Former on top of these.
 """
@@ -223,9 +223,9 @@ class FrozenLLM(Frozen):
     0.1 is on in the losses). Computes in its weights' own dtype whatever its caller's autocast.
     `prompt`: a text prompt after the soft prompt (e.g. "a photo of"); `max_txt_len`: text tokens kept.
 
-    Lengths in the shape comments: Q soft-prompt vectors; P text-prompt tokens (BOS and the text prompt, given, not
-    predicted; none without a text prompt, BOS then being the first target, as in LAVIS); T caption tokens (the
-    caption and its "\\n", padding included); L = Q + P + T."""
+    Lengths in the shape comments: Q soft-prompt vectors; P text-prompt tokens (BOS, where the tokenizer adds one,
+    and the text prompt: given, not predicted; none without a text prompt, BOS then being the first target, as in
+    LAVIS); T caption tokens (the caption and its "\\n", padding included); L = Q + P + T."""
 
     is_encoder_decoder = False  # as Hugging Face's configs name it; FrozenT5LLM's is True
     prompt_padding_side = "left"  # generation: left padding keeps every text prompt right next to what follows it

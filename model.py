@@ -13,6 +13,16 @@ Read top to bottom:
   6. P-Former (P-Former section 3): stage 0 on text alone, and the alignment loss of stages 1 and 2
   7. torch.compile, and this project's checkpoints (read_checkpoint, from_checkpoint for inference)
 
+The official code each part follows (repository: file, in lavis/models/blip2_models/ unless a path is given):
+  frozen image encoder (backbones.FrozenViT)  salesforce/LAVIS: lavis/models/eva_vit.py
+  Q-Former and stage 1 (ITC + ITM + ITG)      salesforce/LAVIS: Qformer.py, blip2_qformer.py
+  stage 2 (backbones.FrozenLLM / FrozenT5LLM) salesforce/LAVIS: blip2_opt.py / blip2_t5.py
+  P-Former stage 0 (OPT / FlanT5)             yiren-jian/BLIText: pformer_opt.py / pformer_t5.py
+  stage 1 + alignment to the P-Former         yiren-jian/BLIText: blip2_qformer_pformer.py
+  stage 2 + alignment (OPT / FlanT5)          yiren-jian/BLIText: blip2_pformer_opt.py / blip2_pformer_t5.py
+  clip features through BertBridge            yiren-jian/BLIText-video: video_feature_opt.py (no P-Former),
+                                              video_feature_opt_stage1.py (alignment alone), _stage2.py (LM loss)
+
 Shapes in comments: B = batch, T = frames of a clip, Q = 32 queries, L = text length, N = 257 image tokens per frame,
 D = 768 (Q-Former width), W = 1408 (image encoder width).
 """
