@@ -15,7 +15,6 @@ import glob
 import hashlib
 import io
 import json
-import math
 import os
 import random
 import re
@@ -25,12 +24,13 @@ from functools import partial
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
+
+from distributed import rank_and_world_size
 
 # -----------------------------------------------------------------------------
 # captions, images, seeds
@@ -397,11 +397,16 @@ class ImageTextDataset(EpochSeeded):
         raise RuntimeError(f"{tries} consecutive unreadable {self.what}s from sample {i}, the first "
                            f"{self.images[i]}; check the root ({root})")
 
+    def shown(self, item, i, j):
+        """Sample i's dict: its tensors `item`, and the caption and file of sample j, the readable one shown."""
+        path = self.images[j]
+        return {**item, "text": clean_caption(self.captions[j], self.max_words), "image_id": image_id_of(path),
+                "skipped": (j - i) % len(self), "file": path}
+
     def __getitem__(self, i):
         i = range(len(self))[i]  # negative indices as for a list; IndexError outside
         j, media = self.readable(i)
-        return {**self.item(media, i), "text": clean_caption(self.captions[j], self.max_words),
-                "image_id": image_id_of(self.images[j]), "skipped": (j - i) % len(self), "file": self.images[j]}
+        return self.shown(self.item(media, i), i, j)
 
 
 class VideoTextDataset(ImageTextDataset):
@@ -490,7 +495,7 @@ class FrozenFeatureDataset(Dataset):
             raise TypeError("FrozenFeatureDataset needs annotation files (an ImageTextDataset): tar shards are "
                             "streamed once, not indexed")
         self.dataset, self.source = dataset, dataset.source
-        row_of_path, todo, chunks, masks = {}, [], [], []  # path -> its row in self.features; items to encode
+        row_of_path, todo, chunks, masks = {}, [], [], []  # path -> its row in self.features (None: unreadable)
 
         def flush():
             if todo:
@@ -506,7 +511,7 @@ class FrozenFeatureDataset(Dataset):
                 if path not in row_of_path:
                     try:
                         todo.append(dataset.item(dataset.load(path, j), j))
-                        row_of_path[path] = len(row_of_path)
+                        row_of_path[path] = len(masks) + len(todo) - 1  # rows count the readable files only
                     except Exception as e:  # PIL and PyAV signal broken files with many exception types
                         _unreadable(f"{dataset.what} {path}", e, dataset.strict)
                         row_of_path[path] = None
@@ -520,10 +525,6 @@ class FrozenFeatureDataset(Dataset):
             self.sample.append(j)
             self.row.append(row_of_path[path])
         flush()
-        # rows were numbered over readable files only
-        readable = sorted(r for r in row_of_path.values() if r is not None)
-        renumber = {r: k for k, r in enumerate(readable)}
-        self.row = [renumber[r] for r in self.row]
         self.features, self.masks = torch.cat(chunks), masks  # files x N x width (x T first for clips)
 
     def __len__(self):
@@ -531,12 +532,9 @@ class FrozenFeatureDataset(Dataset):
 
     def __getitem__(self, i):
         i = range(len(self))[i]
-        j, row = self.sample[i], self.row[i]
-        item = {"image": self.features[row]} if self.masks[row] is None else \
-            {"image": self.features[row], "frame_mask": self.masks[row]}
-        return {**item, "text": clean_caption(self.dataset.captions[j], self.dataset.max_words),
-                "image_id": image_id_of(self.dataset.images[j]), "skipped": (j - i) % len(self),
-                "file": self.dataset.images[j]}
+        row, mask = self.row[i], self.masks[self.row[i]]
+        item = {"image": self.features[row]} if mask is None else {"image": self.features[row], "frame_mask": mask}
+        return self.dataset.shown(item, i, self.sample[i])
 
 
 class TextDataset(Dataset):
@@ -618,9 +616,9 @@ class TarShardDataset(IterableDataset):
         self.source = f"tar shards {shards!r}"
         self.transform, self.max_words, self.strict = transform, max_words, strict
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
-        distributed = dist.is_available() and dist.is_initialized()
-        self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
-        self.world_size = world_size if world_size is not None else (dist.get_world_size() if distributed else 1)
+        default_rank, default_world = rank_and_world_size()
+        self.rank = default_rank if rank is None else rank
+        self.world_size = default_world if world_size is None else world_size
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
         self.decoder = wds.Decoder([wds.imagehandler("pil")])  # txt -> str, json -> dict, images -> RGB PIL
@@ -716,6 +714,7 @@ class TarShardDataset(IterableDataset):
             wds.map(partial(self._decode, stream=(self.seed, epoch, self.rank, worker)), handler=bad_sample),
             with_skip_counts,
         ))
+
 # -----------------------------------------------------------------------------
 # batching and loading
 
@@ -737,50 +736,27 @@ def collate(items):
     return batch
 
 
-class ResumableDistributedSampler(Sampler):
+class ResumableDistributedSampler(DistributedSampler):
     """torch's DistributedSampler plus set_start(index): the current epoch's iteration begins at this rank's
     index-th sample, so a killed run resumes exactly. The start resets to 0 once the epoch has been fully
     iterated. len() is the number of samples still to come in the epoch."""
 
     def __init__(self, dataset, num_replicas=None, rank=None, shuffle=True, seed=0, drop_last=True):
-        distributed = dist.is_available() and dist.is_initialized()
-        self.num_replicas = num_replicas if num_replicas is not None else (dist.get_world_size() if distributed else 1)
-        self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
-        if not 0 <= self.rank < self.num_replicas:
-            raise ValueError(f"rank {self.rank} is outside num_replicas {self.num_replicas}")
-        self.dataset_size = len(dataset)
-        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
-        if drop_last:
-            self.num_samples = self.dataset_size // self.num_replicas
-        else:
-            self.num_samples = math.ceil(self.dataset_size / self.num_replicas)
-        if self.num_samples == 0:
+        default_rank, default_world = rank_and_world_size()  # torch's defaults need a process group
+        super().__init__(dataset, default_world if num_replicas is None else num_replicas,
+                         default_rank if rank is None else rank, shuffle, seed, drop_last)
+        if self.num_samples <= 0:
             source = getattr(dataset, "source", "the dataset")
-            raise ValueError(f"{source}: {self.dataset_size} samples are too few for {self.num_replicas} ranks")
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+            raise ValueError(f"{source}: {len(dataset)} samples are too few for {self.num_replicas} ranks")
+        self.start = 0
 
     def set_start(self, index):
         if not 0 <= index <= self.num_samples:
             raise ValueError(f"start {index} is outside [0, {self.num_samples}] samples per rank")
         self.start = index
 
-    def _indices(self):
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed + self.epoch)  # the same permutation on every rank
-            indices = torch.randperm(self.dataset_size, generator=g).tolist()
-        else:
-            indices = list(range(self.dataset_size))
-        total = self.num_samples * self.num_replicas
-        if total > len(indices):  # drop_last=False: pad by repeating from the start, as torch does
-            indices = (indices * math.ceil(total / len(indices)))[:total]
-        return indices[self.rank:total:self.num_replicas]
-
     def __iter__(self):
-        yield from self._indices()[self.start:]
+        yield from list(super().__iter__())[self.start:]
         self.start = 0  # reached only when the epoch was iterated to the end
 
     def __len__(self):
