@@ -592,23 +592,19 @@ def _numbered(samples):
 
 class TarShardDataset(IterableDataset):
     """Streams samples from webdataset tar shards (the img2dataset layout: key.jpg / .jpeg / .png / .webp next to
-    key.txt and/or key.json with a "caption"; .txt wins); with num_frames, clips (key.mp4 ... + key.txt, decoded as
-    VideoTextDataset does, its transform a ClipTransform). Samples missing an image or a caption are passed over
-    silently. Items are {"image", "text", "image_id", "skipped"} or, with transform=None, {"text", "skipped"}
-    without reading images (text-only stage 0). An undecodable sample is never yielded (batches keep their size,
-    which DDP's feature gathering needs): with strict=False a warning names it and "skipped", on the next item
-    yielded, counts the undecodable samples passed over since the previous item; strict=True raises. A corrupt
-    shard warns (or raises) and loses the rest of that shard, uncounted.
+    key.txt and/or key.json with a "caption"; .txt wins) or, with num_frames, clips (key.mp4 ... + key.txt, decoded
+    as VideoTextDataset does, its transform a ClipTransform). Samples without a caption (or image) are passed over
+    silently. Items: {"image", "text", "image_id", "skipped"}, or with transform=None {"text", "skipped"}, images
+    unread (stage 0). An undecodable sample is never yielded (DDP's feature gathering needs full batches): a
+    warning names it and "skipped", on the next item yielded, counts those passed over since the previous one;
+    strict=True raises. A corrupt shard warns (or raises) and loses the rest of that shard, uncounted.
 
-    The stream is a webdataset pipeline. Each epoch the shard list is shuffled with seed + epoch, split across DDP
-    ranks, then across the DataLoader workers of each rank, so every shard is read by exactly one (rank, worker); a
-    shuffle buffer mixes samples within each stream. Ranks can get different numbers of samples (shards differ in
-    size).
-
-    Resume: set_epoch(epoch), then skip(n) drops the first n samples of every (rank, worker) stream in that
-    epoch; skipped samples are read but not decoded. The streams are deterministic, so this is exact when
-    n is the number of stream samples each stream had consumed; the usual estimate, steps * batch_size /
-    num_workers, is approximate when undecodable samples were passed over."""
+    A webdataset pipeline: each epoch the shard list is shuffled with seed + epoch, split across DDP ranks, then
+    across each rank's DataLoader workers, so every shard is read by exactly one (rank, worker) (ranks can get
+    different numbers of samples); a shuffle buffer mixes each stream. Resume: set_epoch(epoch), then skip(n) drops
+    the first n samples of every stream in that epoch, read but not decoded. The streams are deterministic, so this
+    is exact when n is what each stream had consumed; the usual estimate, steps * batch_size / num_workers, is
+    approximate when undecodable samples were passed over."""
 
     def __init__(self, shards, transform, max_words=50, strict=False, shuffle_buffer=1000, seed=0,
                  rank=None, world_size=None, num_frames=0, sampling="headtail"):
