@@ -572,9 +572,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 def expand_shards(shards):
     """Shard list from a path, a glob pattern, a brace pattern ('/data/{00000..00099}.tar', webdataset's
     expansion), or a list of any of these. Every shard must exist (a glob that matches nothing is named)."""
-    from webdataset.shardlists import expand_urls
-
-    paths = [path for spec in _as_list(shards) for pattern in expand_urls(spec)
+    paths = [path for spec in _as_list(shards) for pattern in wds.shardlists.expand_urls(spec)
              for path in (sorted(glob.glob(pattern)) or [pattern])]
     if not paths:
         raise ValueError(f"no shards given: {shards!r}")
@@ -633,15 +631,13 @@ class TarShardDataset(IterableDataset):
         """webdataset's tar reader (files grouped into samples by key) on shards opened and closed here, which
         wds.tarfile_to_samples would leave to the garbage collector (a ResourceWarning per shard). A shard that
         cannot be read on is warned about (or raises, with strict) and the next one is read."""
-        from webdataset.tariterators import group_by_keys, tar_file_expander
-
         for url in (shard["url"] for shard in shards):
             def bad_shard(exn, url=url):
                 _unreadable(f"shard {url}", exn, self.strict)
                 return True  # webdataset's handler protocol: go on
             with open(url, "rb") as stream:
-                yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=bad_shard),
-                                         handler=bad_shard)
+                files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=bad_shard)
+                yield from wds.tariterators.group_by_keys(files, handler=bad_shard)
 
     def _files_read(self, sample):
         """The files of a sample that are read: its caption (.txt, else .json) and, unless text only, its image or
@@ -673,7 +669,8 @@ class TarShardDataset(IterableDataset):
                 item["image"] = seeded(self.transform, *key)(next(files[e] for e in IMAGE_EXTENSIONS if e in files))
         except Exception as e:  # PIL and PyAV signal broken files with many exception types
             # webdataset's decoder (from 0.2.107) wraps the file's own error in a DecodingError that says nothing
-            raise BadSample(_cannot_read(f"sample {name}", e.__cause__ or e)) from e
+            cause = e.__cause__ if isinstance(e, getattr(wds, "DecodingError", ())) else e
+            raise BadSample(_cannot_read(f"sample {name}", cause)) from e
         return {**item, "image_id": image_id_of(name), "file": name}
 
     def __iter__(self):
