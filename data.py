@@ -91,13 +91,6 @@ def image_id_of(name):
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") >> 1
 
 
-def _decode_image(source):
-    """Open and fully decode an image (path or file object) as RGB. Decoding here, not lazily in the
-    transform, makes a truncated file fail inside the caller's error handling."""
-    with Image.open(source) as img:
-        return img.convert("RGB")
-
-
 class BadSample(ValueError):
     """A file that reads but must not reach the model (features not finite, or of the wrong shape); its message
     names the file."""
@@ -372,8 +365,10 @@ class ImageTextDataset(EpochSeeded):
         return os.path.join(root, name)
 
     def load(self, path, i):
-        """The decoded media of sample i (an image here; frames or features in the subclasses below)."""
-        return _decode_image(path)
+        """The decoded media of sample i (an image here; frames or features in the subclasses below), decoded in
+        full here, not lazily in the transform, so that a truncated file fails inside readable's error handling."""
+        with Image.open(path) as img:
+            return img.convert("RGB")
 
     def item(self, media, i):
         """The sample's tensors, augmented with the seeds of sample i."""
