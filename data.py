@@ -15,20 +15,22 @@ import glob
 import hashlib
 import io
 import json
-import math
 import os
 import random
 import re
 import signal
 import warnings
+from functools import partial
 
 import numpy as np
 import torch
-import torch.distributed as dist
+import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
+
+from distributed import rank_and_world_size
 
 # -----------------------------------------------------------------------------
 # captions, images, seeds
@@ -89,23 +91,21 @@ def image_id_of(name):
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") >> 1
 
 
-def _decode_image(source):
-    """Open and fully decode an image (path or file object) as RGB. Decoding here, not lazily in the
-    transform, makes a truncated file fail inside the caller's error handling."""
-    with Image.open(source) as img:
-        return img.convert("RGB")
-
-
 class BadSample(ValueError):
     """A file that reads but must not reach the model (features not finite, or of the wrong shape); its message
     names the file."""
 
 
+def _cannot_read(name, err):
+    """One line naming the file and the error (a BadSample's message names its file already)."""
+    return str(err) if isinstance(err, BadSample) else \
+        f"cannot read {name}: {type(err).__name__}: {' '.join(str(err).split())}"
+
+
 def _unreadable(name, err, strict):
     """The skip/strict rule for a bad image, sample or shard: raise, or warn in one line (the caller then moves on
     to the next sample and counts the skip)."""
-    msg = str(err) if isinstance(err, BadSample) else \
-        f"cannot read {name}: {type(err).__name__}: {' '.join(str(err).split())}"
+    msg = _cannot_read(name, err)
     if strict:
         raise RuntimeError(msg) from err
     warnings.warn("skipping: " + msg)
@@ -365,8 +365,10 @@ class ImageTextDataset(EpochSeeded):
         return os.path.join(root, name)
 
     def load(self, path, i):
-        """The decoded media of sample i (an image here; frames or features in the subclasses below)."""
-        return _decode_image(path)
+        """The decoded media of sample i (an image here; frames or features in the subclasses below), decoded in
+        full here, not lazily in the transform, so that a truncated file fails inside readable's error handling."""
+        with Image.open(path) as img:
+            return img.convert("RGB")
 
     def item(self, media, i):
         """The sample's tensors, augmented with the seeds of sample i."""
@@ -390,11 +392,16 @@ class ImageTextDataset(EpochSeeded):
         raise RuntimeError(f"{tries} consecutive unreadable {self.what}s from sample {i}, the first "
                            f"{self.images[i]}; check the root ({root})")
 
+    def shown(self, item, i, j):
+        """Sample i's dict: its tensors `item`, and the caption and file of sample j, the readable one shown."""
+        path = self.images[j]
+        return {**item, "text": clean_caption(self.captions[j], self.max_words), "image_id": image_id_of(path),
+                "skipped": (j - i) % len(self), "file": path}
+
     def __getitem__(self, i):
         i = range(len(self))[i]  # negative indices as for a list; IndexError outside
         j, media = self.readable(i)
-        return {**self.item(media, i), "text": clean_caption(self.captions[j], self.max_words),
-                "image_id": image_id_of(self.images[j]), "skipped": (j - i) % len(self), "file": self.images[j]}
+        return self.shown(self.item(media, i), i, j)
 
 
 class VideoTextDataset(ImageTextDataset):
@@ -483,7 +490,7 @@ class FrozenFeatureDataset(Dataset):
             raise TypeError("FrozenFeatureDataset needs annotation files (an ImageTextDataset): tar shards are "
                             "streamed once, not indexed")
         self.dataset, self.source = dataset, dataset.source
-        row_of_path, todo, chunks, masks = {}, [], [], []  # path -> its row in self.features; items to encode
+        row_of_path, todo, chunks, masks = {}, [], [], []  # path -> its row in self.features (None: unreadable)
 
         def flush():
             if todo:
@@ -499,7 +506,7 @@ class FrozenFeatureDataset(Dataset):
                 if path not in row_of_path:
                     try:
                         todo.append(dataset.item(dataset.load(path, j), j))
-                        row_of_path[path] = len(row_of_path)
+                        row_of_path[path] = len(masks) + len(todo) - 1  # rows count the readable files only
                     except Exception as e:  # PIL and PyAV signal broken files with many exception types
                         _unreadable(f"{dataset.what} {path}", e, dataset.strict)
                         row_of_path[path] = None
@@ -513,10 +520,6 @@ class FrozenFeatureDataset(Dataset):
             self.sample.append(j)
             self.row.append(row_of_path[path])
         flush()
-        # rows were numbered over readable files only
-        readable = sorted(r for r in row_of_path.values() if r is not None)
-        renumber = {r: k for k, r in enumerate(readable)}
-        self.row = [renumber[r] for r in self.row]
         self.features, self.masks = torch.cat(chunks), masks  # files x N x width (x T first for clips)
 
     def __len__(self):
@@ -524,12 +527,9 @@ class FrozenFeatureDataset(Dataset):
 
     def __getitem__(self, i):
         i = range(len(self))[i]
-        j, row = self.sample[i], self.row[i]
-        item = {"image": self.features[row]} if self.masks[row] is None else \
-            {"image": self.features[row], "frame_mask": self.masks[row]}
-        return {**item, "text": clean_caption(self.dataset.captions[j], self.dataset.max_words),
-                "image_id": image_id_of(self.dataset.images[j]), "skipped": (j - i) % len(self),
-                "file": self.dataset.images[j]}
+        row, mask = self.row[i], self.masks[self.row[i]]
+        item = {"image": self.features[row]} if mask is None else {"image": self.features[row], "frame_mask": mask}
+        return self.dataset.shown(item, i, self.sample[i])
 
 
 class TextDataset(Dataset):
@@ -566,59 +566,38 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 def expand_shards(shards):
     """Shard list from a path, a glob pattern, a brace pattern ('/data/{00000..00099}.tar', webdataset's
-    expansion), or a list of any of these. Every shard must exist."""
-    from webdataset.shardlists import expand_urls
-
-    paths = []
-    for spec in _as_list(shards):
-        for p in expand_urls(spec):
-            if any(c in p for c in "*?["):
-                matched = sorted(glob.glob(p))
-                if not matched:
-                    raise FileNotFoundError(f"no shards match {p}")
-                paths.extend(matched)
-            else:
-                paths.append(p)
+    expansion), or a list of any of these. Every shard must exist (a glob that matches nothing is named)."""
+    paths = [path for spec in _as_list(shards) for pattern in wds.shardlists.expand_urls(spec)
+             for path in (sorted(glob.glob(pattern)) or [pattern])]
     if not paths:
         raise ValueError(f"no shards given: {shards!r}")
-    for p in paths:
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"shard not found: {p}")
+    missing = next((p for p in paths if not os.path.isfile(p)), None)
+    if missing:
+        raise FileNotFoundError(f"shard not found: {missing}")
     return paths
 
 
-def _shuffled(samples, buffer_size, rng):
-    """Approximate shuffle of a stream: keep buffer_size items and emit a random one for each new one."""
-    buffer = []
-    for s in samples:
-        if len(buffer) < buffer_size:
-            buffer.append(s)
-            continue
-        j = rng.randrange(buffer_size)
-        buffer[j], s = s, buffer[j]
-        yield s
-    rng.shuffle(buffer)
-    yield from buffer
+def _numbered(samples):
+    """Each sample with "__index__", its place in the stream."""
+    for index, sample in enumerate(samples):
+        yield {**sample, "__index__": index}
 
 
 class TarShardDataset(IterableDataset):
     """Streams samples from webdataset tar shards (the img2dataset layout: key.jpg / .jpeg / .png / .webp next to
-    key.txt and/or key.json with a "caption"; .txt wins), read with webdataset's tar reader; with num_frames, clips
-    (key.mp4 ... + key.txt, decoded as VideoTextDataset does, its transform a ClipTransform). Samples missing an image
-    or a caption are passed over silently. Items are {"image", "text", "image_id", "skipped"} or, with
-    transform=None, {"text", "skipped"} without reading images (text-only stage 0). An undecodable sample is never
-    yielded (batches keep their size, which DDP's feature gathering needs): with strict=False a warning names it
-    and "skipped", on the next item yielded, counts the undecodable samples passed over since the previous item;
+    key.txt and/or key.json with a "caption"; .txt wins) or, with num_frames, clips (key.mp4 ... + key.txt, decoded
+    as VideoTextDataset does, its transform a ClipTransform). Samples without a caption (or image) are passed over
+    silently. Items: {"image", "text", "image_id", "skipped"}, or with transform=None {"text", "skipped"}, images
+    unread (stage 0). An undecodable sample is never yielded (DDP's feature gathering needs full batches): a
+    warning names it and "skipped", on the next item yielded, counts those passed over since the previous one;
     strict=True raises. A corrupt shard warns (or raises) and loses the rest of that shard, uncounted.
 
-    Each epoch the shard list is shuffled with seed + epoch, split across DDP ranks, then across the DataLoader
-    workers of each rank, so every shard is read by exactly one (rank, worker); a shuffle buffer mixes samples
-    within each stream. Ranks can get different numbers of samples (shards differ in size).
-
-    Resume: set_epoch(epoch), then skip(n) drops the first n samples of every (rank, worker) stream in that
-    epoch; skipped samples are read but not decoded. The streams are deterministic, so this is exact when
-    n is the number of stream samples each stream had consumed; the usual estimate, steps * batch_size /
-    num_workers, is approximate when undecodable samples were passed over."""
+    A webdataset pipeline: each epoch the shard list is shuffled with seed + epoch, split across DDP ranks, then
+    across each rank's DataLoader workers, so every shard is read by exactly one (rank, worker) (ranks can get
+    different numbers of samples); a shuffle buffer mixes each stream. Resume: set_epoch(epoch), then skip(n) drops
+    the first n samples of every stream in that epoch, read but not decoded. The streams are deterministic, so this
+    is exact when n is what each stream had consumed; the usual estimate, steps * batch_size / num_workers, is
+    approximate when undecodable samples were passed over."""
 
     def __init__(self, shards, transform, max_words=50, strict=False, shuffle_buffer=1000, seed=0,
                  rank=None, world_size=None, num_frames=0, sampling="headtail"):
@@ -626,11 +605,12 @@ class TarShardDataset(IterableDataset):
         self.source = f"tar shards {shards!r}"
         self.transform, self.max_words, self.strict = transform, max_words, strict
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
-        distributed = dist.is_available() and dist.is_initialized()
-        self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
-        self.world_size = world_size if world_size is not None else (dist.get_world_size() if distributed else 1)
+        default_rank, default_world = rank_and_world_size()
+        self.rank = default_rank if rank is None else rank
+        self.world_size = default_world if world_size is None else world_size
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+        self.decoder = wds.Decoder([wds.imagehandler("pil")])  # txt -> str, json -> dict, images -> RGB PIL
         # [epoch, samples to skip, epoch the skip applies to], in shared memory: persistent DataLoader
         # workers keep their own copy of the dataset, and this is how set_epoch/skip still reach them.
         self._state = torch.tensor([0, 0, -1], dtype=torch.long).share_memory_()
@@ -642,75 +622,86 @@ class TarShardDataset(IterableDataset):
         """Skip the first n samples of each (rank, worker) stream in the current epoch (call after set_epoch)."""
         self._state[1], self._state[2] = n, self._state[0]
 
-    def _my_shards(self, epoch):
+    def _read(self, shards):
+        """webdataset's tar reader (files grouped into samples by key) on shards opened and closed here, which
+        wds.tarfile_to_samples would leave to the garbage collector (a ResourceWarning per shard). A shard that
+        cannot be read on is warned about (or raises, with strict) and the next one is read."""
+        for url in (shard["url"] for shard in shards):
+            def bad_shard(exn, url=url):
+                _unreadable(f"shard {url}", exn, self.strict)
+                return True  # webdataset's handler protocol: go on
+            with open(url, "rb") as stream:
+                files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=bad_shard)
+                yield from wds.tariterators.group_by_keys(files, handler=bad_shard)
+
+    def _files_read(self, sample):
+        """The files of a sample that are read: its caption (.txt, else .json) and, unless text only, its image or
+        clip; None (the sample is passed over silently) when it lacks one."""
+        wanted = [("txt", "json")]
+        if self.transform is not None:
+            wanted.append(VIDEO_EXTENSIONS if self.num_frames else IMAGE_EXTENSIONS)
+        found = [next((e for e in extensions if e in sample), None) for extensions in wanted]
+        return None if None in found else {"__url__": sample["__url__"], **{e: sample[e] for e in found}}
+
+    def _decode(self, sample, stream):
+        """A sample's files -> {"image" (a clip: and "frame_mask"), "text", "image_id", "file"}, or {"text"} for
+        text only, augmented with seeds from its place in the stream: (seed, epoch, rank, worker) + its index.
+        Anything unreadable raises a BadSample naming the sample."""
+        name, key = f"{sample['__url__']}:{sample['__key__']}", (*stream, sample["__index__"])
+        try:
+            files = self.decoder(sample)
+            caption = files["txt"] if "txt" in files else files["json"].get("caption")
+            if not isinstance(caption, str):
+                raise ValueError(f"no string \"caption\" in {name}.json")
+            item = {"text": clean_caption(caption, self.max_words)}
+            if self.transform is None:
+                return item
+            if self.num_frames:
+                video = io.BytesIO(next(files[e] for e in VIDEO_EXTENSIONS if e in files))
+                frames = decode_frames(video, self.num_frames, self.sampling, random.Random(hash(key)))
+                item.update(pad_clip(seeded(self.transform, *key)(frames), self.num_frames))
+            else:
+                item["image"] = seeded(self.transform, *key)(next(files[e] for e in IMAGE_EXTENSIONS if e in files))
+        except Exception as e:  # PIL and PyAV signal broken files with many exception types
+            # webdataset's decoder (from 0.2.107) wraps the file's own error in a DecodingError that says nothing
+            cause = e.__cause__ if isinstance(e, getattr(wds, "DecodingError", ())) else e
+            raise BadSample(_cannot_read(f"sample {name}", cause)) from e
+        return {**item, "image_id": image_id_of(name), "file": name}
+
+    def __iter__(self):
+        epoch, n_skip, skip_epoch = self._state.tolist()
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if len(self.shards) < self.world_size * num_workers:
             raise ValueError(f"{len(self.shards)} shards cannot feed {self.world_size} ranks x {num_workers} "
                              f"workers; use at least {self.world_size * num_workers} shards or fewer workers")
-        order = list(self.shards)
-        random.Random(self.seed + epoch).shuffle(order)  # the same order on every rank and worker
-        return order[self.rank::self.world_size][worker::num_workers], worker
+        passed_over = [0]  # undecodable samples since the last one yielded
 
-    def _samples(self, shards):
-        """(name, files) for every sample of the given shards that has a caption (and an image), in order.
-        A shard that cannot be read on is warned about (or raises, with strict) and the next one is read."""
-        from webdataset.tariterators import group_by_keys, tar_file_expander
+        def bad_sample(exn):
+            _unreadable("sample", exn, self.strict)
+            passed_over[0] += 1
+            return True  # webdataset's handler protocol: go on with the next sample
 
-        for shard in shards:
-            def on_error(exn, shard=shard):
-                _unreadable(f"shard {shard}", exn, self.strict)
-                return True  # webdataset: go on
-            with open(shard, "rb") as stream:  # opened here, so that it is closed here
-                files = tar_file_expander([{"url": shard, "stream": stream}], handler=on_error)
-                for sample in group_by_keys(files, handler=on_error):
-                    has_caption = "txt" in sample or "json" in sample
-                    media = VIDEO_EXTENSIONS if self.num_frames else IMAGE_EXTENSIONS
-                    has_image = self.transform is None or any(e in sample for e in media)
-                    if has_caption and has_image:
-                        yield f"{shard}:{sample['__key__']}", sample
+        def with_skip_counts(items):
+            for item in items:
+                yield {**{k: v for k, v in item.items() if k != "__key__"}, "skipped": passed_over[0]}
+                passed_over[0] = 0
 
-    def _media(self, files, key):
-        """The sample's image, or (num_frames) its clip sampled with seeds from `key`, undecoded as PIL."""
-        if not self.num_frames:
-            return _decode_image(io.BytesIO(files[next(e for e in IMAGE_EXTENSIONS if e in files)]))
-        video = io.BytesIO(files[next(e for e in VIDEO_EXTENSIONS if e in files)])
-        return decode_frames(video, self.num_frames, self.sampling, random.Random(hash(key)))
-
-    def _decode(self, name, files, key):
-        try:
-            if "txt" in files:
-                caption = files["txt"].decode("utf-8")
-            else:
-                caption = json.loads(files["json"]).get("caption")
-                if not isinstance(caption, str):
-                    raise ValueError(f"no string \"caption\" in {name}.json")
-            if self.transform is None:
-                return {"text": clean_caption(caption, self.max_words)}
-            media = seeded(self.transform, *key)(self._media(files, key))
-        except Exception as e:  # PIL and PyAV signal broken files with many exception types
-            _unreadable(f"sample {name}", e, self.strict)
-            return None
-        item = pad_clip(media, self.num_frames) if self.num_frames else {"image": media}
-        return {**item, "text": clean_caption(caption, self.max_words), "image_id": image_id_of(name), "file": name}
-
-    def __iter__(self):
-        epoch, n_skip, skip_epoch = self._state.tolist()
-        shards, worker = self._my_shards(epoch)
-        samples = self._samples(shards)
-        if self.shuffle_buffer > 1:
-            rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")  # str seeds are stable across runs
-            samples = _shuffled(samples, self.shuffle_buffer, rng)
-        skipped = 0
-        for i, (name, files) in enumerate(samples):
-            if epoch == skip_epoch and i < n_skip:
-                continue
-            item = self._decode(name, files, (self.seed, epoch, self.rank, worker, i))
-            if item is None:
-                skipped += 1
-                continue
-            yield {**item, "skipped": skipped}
-            skipped = 0
+        shuffle_rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")  # str seeds are stable across runs
+        return iter(wds.DataPipeline(
+            wds.SimpleShardList(self.shards, seed=self.seed + epoch),  # the same order on every rank and worker
+            # by our rank: wds.split_by_node reads it from the environment, not from the rank this dataset was given
+            wds.slice(self.rank, None, self.world_size),
+            wds.split_by_worker,
+            self._read,
+            wds.map(self._files_read),
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=shuffle_rng)
+            if self.shuffle_buffer > 1 else None,
+            _numbered,
+            wds.slice(n_skip if epoch == skip_epoch else 0, None),  # resume: these are read, not decoded
+            wds.map(partial(self._decode, stream=(self.seed, epoch, self.rank, worker)), handler=bad_sample),
+            with_skip_counts,
+        ))
 
 # -----------------------------------------------------------------------------
 # batching and loading
@@ -733,50 +724,27 @@ def collate(items):
     return batch
 
 
-class ResumableDistributedSampler(Sampler):
+class ResumableDistributedSampler(DistributedSampler):
     """torch's DistributedSampler plus set_start(index): the current epoch's iteration begins at this rank's
     index-th sample, so a killed run resumes exactly. The start resets to 0 once the epoch has been fully
     iterated. len() is the number of samples still to come in the epoch."""
 
     def __init__(self, dataset, num_replicas=None, rank=None, shuffle=True, seed=0, drop_last=True):
-        distributed = dist.is_available() and dist.is_initialized()
-        self.num_replicas = num_replicas if num_replicas is not None else (dist.get_world_size() if distributed else 1)
-        self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
-        if not 0 <= self.rank < self.num_replicas:
-            raise ValueError(f"rank {self.rank} is outside num_replicas {self.num_replicas}")
-        self.dataset_size = len(dataset)
-        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
-        if drop_last:
-            self.num_samples = self.dataset_size // self.num_replicas
-        else:
-            self.num_samples = math.ceil(self.dataset_size / self.num_replicas)
-        if self.num_samples == 0:
+        default_rank, default_world = rank_and_world_size()  # torch's defaults need a process group
+        super().__init__(dataset, default_world if num_replicas is None else num_replicas,
+                         default_rank if rank is None else rank, shuffle, seed, drop_last)
+        if self.num_samples <= 0:
             source = getattr(dataset, "source", "the dataset")
-            raise ValueError(f"{source}: {self.dataset_size} samples are too few for {self.num_replicas} ranks")
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+            raise ValueError(f"{source}: {len(dataset)} samples are too few for {self.num_replicas} ranks")
+        self.start = 0
 
     def set_start(self, index):
         if not 0 <= index <= self.num_samples:
             raise ValueError(f"start {index} is outside [0, {self.num_samples}] samples per rank")
         self.start = index
 
-    def _indices(self):
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed + self.epoch)  # the same permutation on every rank
-            indices = torch.randperm(self.dataset_size, generator=g).tolist()
-        else:
-            indices = list(range(self.dataset_size))
-        total = self.num_samples * self.num_replicas
-        if total > len(indices):  # drop_last=False: pad by repeating from the start, as torch does
-            indices = (indices * math.ceil(total / len(indices)))[:total]
-        return indices[self.rank:total:self.num_replicas]
-
     def __iter__(self):
-        yield from self._indices()[self.start:]
+        yield from list(super().__iter__())[self.start:]
         self.start = 0  # reached only when the epoch was iterated to the end
 
     def __len__(self):

@@ -6,6 +6,7 @@ import random
 import tarfile
 import warnings
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -293,6 +294,31 @@ def test_tar_shards_split_across_ranks_and_workers(tmp_path):
 
     with pytest.raises(ValueError, match="4 shards cannot feed 8 ranks"):
         list(TarShardDataset(pattern, None, rank=0, world_size=8))
+
+
+def test_tar_shards_dealt_whole_to_one_rank_and_worker_per_epoch(tmp_path, monkeypatch):
+    """2 ranks x 2 DataLoader workers, simulated in this process: each epoch every shard goes whole to exactly one
+    (rank, worker) stream, two shards each, and the next epoch deals them anew."""
+    import data
+
+    pattern, _ = make_shards(tmp_path, n_shards=8, per_shard=2)
+    deals = []
+    for epoch in (0, 1):
+        deal = {}
+        for rank in range(2):
+            for worker in range(2):
+                info = SimpleNamespace(id=worker, num_workers=2)
+                monkeypatch.setattr(data, "get_worker_info", lambda: info)  # ours, for the check and the seeds
+                monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: info)  # webdataset's split
+                ds = TarShardDataset(pattern, None, rank=rank, world_size=2, shuffle_buffer=3)
+                ds.set_epoch(epoch)
+                texts = [it["text"] for it in ds if it["text"] != "text only"]
+                deal[rank, worker] = sorted({int(t.split()[1]) for t in texts})
+                assert len(texts) == 2 * len(deal[rank, worker])  # both samples of each of its shards
+        assert sorted(s for shards in deal.values() for s in shards) == list(range(8))
+        assert all(len(shards) == 2 for shards in deal.values())
+        deals.append(deal)
+    assert deals[0] != deals[1]
 
 
 def test_tar_shards_epoch_order_and_skip(tmp_path):
