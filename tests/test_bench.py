@@ -31,6 +31,7 @@ def test_cli_runs_every_stage_and_prints_the_fields():
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = p.stdout
+    assert re.search(r"^provenance: commit \S+ \| python .* \| torch_threads 1 \| device cpu$", out, re.M), out[:500]
     blocks = re.split(r"\n=== ", out)[1:]
     assert [b.split(",")[0] for b in blocks] == ["stage 0", "stage 1", "stage 2"]
     for b in blocks:
