@@ -715,7 +715,8 @@ def train_loop(*, model, loss_fn, loader, val_loader, cfg, dist_info, stage, gen
     watch = NonFiniteWatch(device, check_grads=not scaler.is_enabled())
     # the throughput of each log line: this rank's samples over the training time since the previous line, which
     # may be fewer than log_interval steps (the last line, the first after a resume) and leaves validation out
-    flops_per_sample, interval_steps, interval_time, t0 = None, 0, 0.0, time.time()
+    # (perf_counter: a monotonic clock, which a wall-clock adjustment cannot make run backwards)
+    flops_per_sample, interval_steps, interval_time, t0 = None, 0, 0.0, time.perf_counter()
     net.train()
     while position.step < cfg["max_steps"]:
         lr = learning_rate(position.step, cfg, epoch_length)
@@ -735,7 +736,7 @@ def train_loop(*, model, loss_fn, loader, val_loader, cfg, dist_info, stage, gen
         last = position.step == cfg["max_steps"]
         if position.step % cfg["log_interval"] == 0 or last:
             watch.check(ckpt_path)
-            interval_time += time.time() - t0
+            interval_time += time.perf_counter() - t0
             samples = interval_steps * cfg["grad_accum"] * cfg["batch_size"]  # this rank's
             samples_per_sec = samples / interval_time
             losses = {k: all_reduce_mean(v.detach().float()) for k, v in losses.items()}  # the global batch's
@@ -744,14 +745,14 @@ def train_loop(*, model, loss_fn, loader, val_loader, cfg, dist_info, stage, gen
                                        "samples_per_sec": samples_per_sec,
                                        "skipped": position.skipped, "epoch": position.epoch,
                                        "mfu": mfu(flops_per_sample, samples_per_sec, device)})
-            position.skipped, interval_steps, interval_time, t0 = 0, 0, 0.0, time.time()
+            position.skipped, interval_steps, interval_time, t0 = 0, 0, 0.0, time.perf_counter()
         if val_loader is not None and cfg["eval_batches"] and (position.step % cfg["eval_interval"] == 0 or last):
-            interval_time += time.time() - t0  # the steps before validation count, validation itself does not
+            interval_time += time.perf_counter() - t0  # the steps before validation count, validation itself does not
             with preserved_rng(generators.values()):  # validation must not change what training draws next
                 val_loss = evaluate(net, loss_fn, val_loader, cfg, device)
             if val_loss is not None:
                 logger.log(position.step, {"val_loss": val_loss})
-            t0 = time.time()
+            t0 = time.perf_counter()
         signum = signals.agreed()
         if position.step % cfg["ckpt_interval"] == 0 or last or signum:
             watch.check(ckpt_path)

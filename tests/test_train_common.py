@@ -363,7 +363,8 @@ def toy_training(tmp_path, monkeypatch, **changes):
     from types import SimpleNamespace
 
     clock = [0.0]
-    monkeypatch.setattr(tc, 'time', SimpleNamespace(time=lambda: clock[0], strftime=real_time.strftime))
+    monkeypatch.setattr(tc, 'time', SimpleNamespace(perf_counter=lambda: clock[0], time=real_time.time,
+                                                    strftime=real_time.strftime))
 
     def loss_fn(model, batch):
         clock[0] += 1.0
