@@ -203,6 +203,7 @@ def test_bleu1_by_hand():
     assert _bleu1(PRED, REFS) == pytest.approx(0.60138, abs=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_JAVA, reason="no java: the Java path cannot run here")
 def test_caption_metrics_with_java(capsys):
     r = M.caption_metrics(PRED, REFS)

@@ -467,6 +467,7 @@ def test_hugging_face_directories(world, tmp_path, record_generate):
 
 # ---------------------------------------------------------------- command line, torchrun
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_match_one_process(world, tmp_path):
     args = ["--task=vqav2", f"--ckpt={world.ckpt2}", f"--ann_file={world.questions}",
             f"--answers_file={world.answers}", f"--image_root={world.images}", "--image_pattern=val_{image_id:05d}.jpg",

@@ -329,6 +329,7 @@ def _worker(rank, world_size, port):
         distributed.cleanup_distributed()
 
 
+@pytest.mark.slow
 def test_two_process_gloo():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
