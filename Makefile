@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine: `make quickstart` and `make test`.
+# Entry points for a fresh machine: `make quickstart`, `make test` (the edit-test loop) and `make test-all`.
 # Both create .venv/ and install requirements.txt into it on first use.
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -16,6 +16,12 @@ $(VENV)/.installed: requirements.txt
 quickstart: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) quickstart.py
 
+# the edit-test loop: every test but those marked slow (pytest.ini: whole pipelines, several processes)
 .PHONY: test
 test: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" --durations=10 tests
+
+# the whole suite, slow tests included, as CI runs it
+.PHONY: test-all
+test-all: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=10 tests

@@ -30,6 +30,7 @@ import torch
 
 import train_common as tc
 from configurator import apply_overrides
+from metrics import provenance
 from model import compile_blocks
 
 # -----------------------------------------------------------------------------
@@ -683,6 +684,8 @@ def main():
     if device.startswith("cuda"):  # as the train scripts (distributed.setup_distributed): TF32 for float32 products
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     stages = [0, 1, 2] if stage in (None, "all") else [int(stage)]
+    # the numbers below depend on all of these: a line to paste next to them
+    print("provenance: " + " | ".join(f"{k} {v}" for k, v in provenance(device).items()))
     return [(print_flops_only if flops_only else bench_stage)(s) for s in stages]
 
 

@@ -10,7 +10,8 @@ image-text retrieval (COCO 5k, Flickr30k 1k, ITC top-k re-ranked by ITM). The sc
         --image_root=data/world/images --device=cpu      # any LAVIS-style caption file
 
 Under torchrun every rank takes every world_size-th question / image / retrieval query; rank 0 gathers the results,
-computes the metrics, prints them and writes them (answers, captions, metrics) to out_dir. While it runs, each rank
+computes the metrics, prints them and writes them (answers, captions, metrics) to out_dir; <task>_metrics.json also
+records what produced them (metrics.provenance: commit, library versions, threads, device). While it runs, each rank
 writes the answers / captions it has generated to out_dir/<task>_progress.rank<r>.jsonl, batch by batch: a run
 stopped half-way (an unreadable video with strict_images, a full disk, a signal) keeps them there.
 """
@@ -554,7 +555,8 @@ def run(cfg):
         metrics["skipped_missing_file"] = len(skipped)
     M.print_table(f"{task}: {source} ({time.time() - t0:.0f}s)", metrics)
     M.write_json(os.path.join(cfg["out_dir"], f"{task}_metrics.json"),
-                 {"task": task, "source": source, "metrics": metrics, "config": cfg}, indent=1)
+                 {"task": task, "source": source, "metrics": metrics, "config": cfg,
+                  "provenance": M.provenance(d.device)}, indent=1)
     return metrics
 
 

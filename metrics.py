@@ -2,15 +2,20 @@
 Scoring for eval.py, pure functions without a model: the benchmarks' annotation readers (VQAv2 / OK-VQA, GQA, COCO
 Karpathy, NoCaps, Flickr30k, LAVIS's MSRVTT / MSVD / VATEX video captions and MSRVTT-QA / MSVD-QA, and generic lists),
 VQA answer normalisation and accuracy as the official VQAv2 evaluation computes them, caption metrics with
-pycocoevalcap (BLEU, METEOR, ROUGE-L, CIDEr, SPICE), and image-text retrieval recall with ITM re-ranking.
+pycocoevalcap (BLEU, METEOR, ROUGE-L, CIDEr, SPICE), and image-text retrieval recall with ITM re-ranking. Also
+what every result file records besides its numbers: the code and software that produced it (provenance), and the
+atomic JSON writer.
 """
 
 import errno
 import json
 import os
+import platform
 import re
 import shutil
 import socket
+import subprocess
+from importlib import metadata
 
 import torch
 
@@ -452,6 +457,44 @@ def write_json(path, obj, indent=None):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def git_commit(root):
+    """The commit checked out at `root`, with "-dirty" when tracked files have uncommitted changes (as `git describe
+    --dirty` counts them: untracked files do not); "unknown" outside a git checkout or without git."""
+    def git(*args):
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):  # no git, not a checkout, a repository git refuses to read
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+# read when the code is imported: a result records the code that the process runs, not a tree edited since
+CODE_COMMIT = git_commit(os.path.dirname(os.path.abspath(__file__)))
+
+
+def package_version(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def provenance(device):
+    """What produced a result, for checkpoints, metrics and benchmark output: the code's commit (CODE_COMMIT),
+    the versions of Python, torch, transformers and timm, torch's CPU thread count, and the device it ran on
+    ("cpu", or "cuda:0 (<GPU name>)")."""
+    device = str(device)
+    if device.startswith("cuda") and torch.cuda.is_available():
+        device = f"{device} ({torch.cuda.get_device_name(device)})"
+    # plain str: torch.__version__ is a subclass that a checkpoint's weights-only loading refuses
+    return {"commit": CODE_COMMIT, "python": platform.python_version(), "torch": str(torch.__version__),
+            "transformers": package_version("transformers"), "timm": package_version("timm"),
+            "torch_threads": torch.get_num_threads(), "device": device}
 
 
 def disk_full_error(err, path):

@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from backbones import DTYPES, tensor_checksum
 from data import dataset_identity
 from distributed import all_reduce_mean, gather_objects, is_master
+from metrics import provenance
 from model import compile_blocks, load_weights, read_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -274,7 +275,8 @@ class Position:
 
 def save(path, model, optimizer, scaler, position, generators, cfg, dist_info, stage, data):
     """Every rank's torch RNG state goes in, so that a resumed run draws the same dropout; `data`, the training
-    set's identity (data.dataset_identity), so that a resumed run can tell whether it reads the same data."""
+    set's identity (data.dataset_identity), so that a resumed run can tell whether it reads the same data; and
+    what wrote it (metrics.provenance: commit, versions, threads, device)."""
     rng = {"cpu": torch.get_rng_state()}
     if dist_info.device.startswith("cuda"):
         rng["cuda"] = torch.cuda.get_rng_state(dist_info.device)
@@ -287,7 +289,8 @@ def save(path, model, optimizer, scaler, position, generators, cfg, dist_info, s
             stage=stage, model=trainable_state_dict(model), optimizer=optimizer.state_dict(),
             scaler=scaler.state_dict(), step=position.step, epoch=position.epoch,
             batch_in_epoch=position.batch_in_epoch, world_size=dist_info.world_size, config=cfg, rng=rngs,
-            generators={name: g.get_state() for name, g in generators.items()}, data=data))
+            generators={name: g.get_state() for name, g in generators.items()}, data=data,
+            provenance=provenance(dist_info.device)))
 
 
 # settings a resumed run may change without changing what it computes (batch size and workers: see restore)
@@ -710,7 +713,10 @@ def train_loop(*, model, loss_fn, loader, val_loader, cfg, dist_info, stage, gen
     batches = infinite_batches(loader, position.epoch, data_start(loader, position, cfg))
     epoch_length = batches_per_epoch(loader, cfg)
     watch = NonFiniteWatch(device, check_grads=not scaler.is_enabled())
-    flops_per_sample, t0 = None, time.time()
+    # the throughput of each log line: this rank's samples over the training time since the previous line, which
+    # may be fewer than log_interval steps (the last line, the first after a resume) and leaves validation out
+    # (perf_counter: a monotonic clock, which a wall-clock adjustment cannot make run backwards)
+    flops_per_sample, interval_steps, interval_time, t0 = None, 0, 0.0, time.perf_counter()
     net.train()
     while position.step < cfg["max_steps"]:
         lr = learning_rate(position.step, cfg, epoch_length)
@@ -726,22 +732,27 @@ def train_loop(*, model, loss_fn, loader, val_loader, cfg, dist_info, stage, gen
         grad_norm = optimizer_step(optimizer, scaler, trainable, cfg)
         watch.record(position.step, losses["loss"], grad_norm, position.files)
         position.step += 1
+        interval_steps += 1
         last = position.step == cfg["max_steps"]
         if position.step % cfg["log_interval"] == 0 or last:
             watch.check(ckpt_path)
-            samples_per_sec = cfg["log_interval"] * cfg["grad_accum"] * cfg["batch_size"] / (time.time() - t0)
+            interval_time += time.perf_counter() - t0
+            samples = interval_steps * cfg["grad_accum"] * cfg["batch_size"]  # this rank's
+            samples_per_sec = samples / interval_time
             losses = {k: all_reduce_mean(v.detach().float()) for k, v in losses.items()}  # the global batch's
             logger.log(position.step, {**losses, "lr": lr,
-                                       "grad_norm": grad_norm.float(), "samples_per_sec": samples_per_sec,
+                                       "grad_norm": grad_norm.float(), "samples": samples,
+                                       "samples_per_sec": samples_per_sec,
                                        "skipped": position.skipped, "epoch": position.epoch,
                                        "mfu": mfu(flops_per_sample, samples_per_sec, device)})
-            position.skipped, t0 = 0, time.time()
+            position.skipped, interval_steps, interval_time, t0 = 0, 0, 0.0, time.perf_counter()
         if val_loader is not None and cfg["eval_batches"] and (position.step % cfg["eval_interval"] == 0 or last):
+            interval_time += time.perf_counter() - t0  # the steps before validation count, validation itself does not
             with preserved_rng(generators.values()):  # validation must not change what training draws next
                 val_loss = evaluate(net, loss_fn, val_loader, cfg, device)
             if val_loss is not None:
                 logger.log(position.step, {"val_loss": val_loss})
-            t0 = time.time()
+            t0 = time.perf_counter()
         signum = signals.agreed()
         if position.step % cfg["ckpt_interval"] == 0 or last or signum:
             watch.check(ckpt_path)

@@ -24,6 +24,7 @@ def tiny_bench(monkeypatch):
     return bench
 
 
+@pytest.mark.slow
 def test_cli_runs_every_stage_and_prints_the_fields():
     cmd = [sys.executable, "bench.py", "--size=tiny", "--steps=2", "--warmup=1", "--batch_size=4", "--threads=1",
            "--device=cpu", "--dtype=float32"]
@@ -31,6 +32,7 @@ def test_cli_runs_every_stage_and_prints_the_fields():
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = p.stdout
+    assert re.search(r"^provenance: commit \S+ \| python .* \| torch_threads 1 \| device cpu$", out, re.M), out[:500]
     blocks = re.split(r"\n=== ", out)[1:]
     assert [b.split(",")[0] for b in blocks] == ["stage 0", "stage 1", "stage 2"]
     for b in blocks:
@@ -101,7 +103,7 @@ def test_cache_option_runs(tiny_bench):
     assert "ratio" in r
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, pytest.param(1, marks=pytest.mark.slow), 2])  # stage 1's is the costly one
 def test_flops_at_full_depth_equal_the_deep_models_count(tiny_bench, tmp_path, stage):
     """--flops_only extrapolates from 1- and 2-layer models; at depth 3 that equals counting the 3-layer model."""
     tiny_bench.llm_layers = tiny_bench.vit_layers = 3
@@ -124,6 +126,7 @@ def test_flops_only_prints_the_gpu_ceilings(tiny_bench, capsys):
     assert r["flops_per_sample"] == sum(f + b for f, b in r["flops"].values()) / tiny_bench.batch_size
 
 
+@pytest.mark.slow
 def test_stage1_report_counts_less_work_after_than_before_as_on_one_of_8_ranks(tiny_bench):
     """The stage-1 report: as on 1 of 8 ranks, text padded to the longest caption and each image's keys and values
     computed once cost the Q-Former less than text padded to max_txt_len and 4 projections of every image; the
@@ -142,6 +145,7 @@ def test_stage1_report_counts_less_work_after_than_before_as_on_one_of_8_ranks(t
     assert tiny_bench.stage1_ddp_flops(model, loss_fn, batch, parts)["after"] == real
 
 
+@pytest.mark.slow
 def test_gpu_check_plumbing_on_cpu(tmp_path):
     """gpu_check.sh --cpu: every part runs although the tests fail before stage 0's benchmark, and the summary gives
     each stage's figures and the failing test with its first error line."""

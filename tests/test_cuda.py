@@ -85,6 +85,14 @@ def test_no_host_sync_inside_a_training_step():
                                                                          if p.requires_grad], cfg))
         finally:
             torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)
+    # the check above is live: in "error" mode, reading a GPU value on the host does fail
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            loss.item()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_fused_attention_for_every_pass(tiny_world):
@@ -103,7 +111,9 @@ def test_fused_attention_for_every_pass(tiny_world):
             loss = stage1(images(), CAPTIONS)["loss"] + stage2(images(), CAPTIONS)["loss"]
         loss.backward()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            stage2.eval().generate(images(), num_beams=2, max_new_tokens=4)
+            captions = stage2.eval().generate(images(), num_beams=2, max_new_tokens=4)
+    assert torch.isfinite(loss) and stage1.ln_vision.weight.grad is not None
+    assert len(captions) == 4 and all(isinstance(c, str) for c in captions)
 
 
 def test_mfu_knows_this_gpu():

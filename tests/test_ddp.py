@@ -27,6 +27,8 @@ from model import Blip2Stage1, PFormer
 from pretrained import blip2_stage2_from_hf
 from world import byte_tokenizer
 
+pytestmark = pytest.mark.slow  # every rank is a process of its own (mp.spawn)
+
 WORLD, B = 2, 4  # rank r holds samples r * B/2 ... (r + 1) * B/2 - 1
 NEG_SEED = 123
 # ITG (stage 1) and the LM loss (stage 2) are token means over each rank's own batch. DDP averages the ranks'

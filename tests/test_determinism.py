@@ -3,6 +3,7 @@ byte, and so does building it from backbones shipped by `world.py --quickstart -
 draws some negative images twice) repeated gives the same weights, bit for bit, on every thread count torch uses."""
 import os
 
+import pytest
 import torch
 
 import world
@@ -10,6 +11,9 @@ from scripts import run_script, train_tiny
 
 WORLD = dict(n_train=16, n_test=4, n_text=60, vit_steps=20, llm_width=64, llm_layers=2, llm_steps=40,
              llm_questions=2)
+
+
+pytestmark = pytest.mark.slow  # whole worlds and training runs, each built twice
 
 
 def test_world_builds_twice_the_same_and_ships(tmp_path):

@@ -2,11 +2,15 @@
 
 import json
 import math
+import platform
 import shutil
+import subprocess
 from collections import Counter
 
 import pytest
+import timm
 import torch
+import transformers
 
 import metrics as M
 
@@ -199,6 +203,7 @@ def test_bleu1_by_hand():
     assert _bleu1(PRED, REFS) == pytest.approx(0.60138, abs=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_JAVA, reason="no java: the Java path cannot run here")
 def test_caption_metrics_with_java(capsys):
     r = M.caption_metrics(PRED, REFS)
@@ -344,3 +349,36 @@ def test_itm_rerank():
 def test_print_table(capsys):
     M.print_table("VQAv2", {"overall": 52.5612, "scored": 3})
     assert capsys.readouterr().out.splitlines() == ["VQAv2", "  overall     52.56", "  scored          3"]
+
+
+# ---- provenance ----
+
+def git(cwd, *args):
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                   capture_output=True)
+
+
+def test_provenance_names_the_code_and_the_software():
+    p = M.provenance("cpu")
+    assert set(p) == {"commit", "python", "torch", "transformers", "timm", "torch_threads", "device"}
+    assert p["python"] == platform.python_version() and p["torch"] == torch.__version__
+    assert p["transformers"] == transformers.__version__ and p["timm"] == timm.__version__
+    assert p["torch_threads"] == torch.get_num_threads() and p["device"] == "cpu"
+    assert json.loads(json.dumps(p)) == p  # goes into JSON files and weights-only checkpoints as it is
+
+
+def test_git_commit_dirty_and_unknown(tmp_path, monkeypatch):
+    """The commit, "-dirty" once a tracked file changes (a new untracked file does not count), "unknown" outside a
+    checkout or without git at all, never an exception."""
+    assert M.git_commit(str(tmp_path)) == "unknown"
+    git(tmp_path, "init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git(tmp_path, "add", "a.py")
+    git(tmp_path, "commit", "-q", "-m", "a")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    (tmp_path / "b.py").write_text("untracked\n")
+    assert M.git_commit(str(tmp_path)) == head and len(head) == 40
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert M.git_commit(str(tmp_path)) == head + "-dirty"
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
+    assert M.git_commit(str(tmp_path)) == "unknown"

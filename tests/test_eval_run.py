@@ -118,7 +118,9 @@ def test_vqav2_from_checkpoint(world, tmp_path, record_generate, capsys):
     assert metrics["scored"] == 4 and metrics["missing"] == 0
     assert 0.0 <= metrics["overall"] <= 100.0
     with open(tmp_path / "out" / "vqav2_metrics.json") as f:
-        assert json.load(f)["metrics"] == metrics
+        written = json.load(f)
+    assert written["metrics"] == metrics
+    assert written["provenance"] == M.provenance("cpu")  # what produced these numbers
     out = capsys.readouterr().out
     assert "vqav2 (rank 0 of 1)" in out and "4/4" in out and "overall" in out  # tqdm's progress and the table
 
@@ -465,6 +467,7 @@ def test_hugging_face_directories(world, tmp_path, record_generate):
 
 # ---------------------------------------------------------------- command line, torchrun
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_match_one_process(world, tmp_path):
     args = ["--task=vqav2", f"--ckpt={world.ckpt2}", f"--ann_file={world.questions}",
             f"--answers_file={world.answers}", f"--image_root={world.images}", "--image_pattern=val_{image_id:05d}.jpg",

@@ -153,6 +153,7 @@ def test_what_the_format_cannot_hold_is_refused(bert, tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "x")
 
 
+@pytest.mark.slow
 def test_tiny_world_stage2_captions_alike_in_eval_and_transformers(tiny_world, tmp_path):
     """The quick start's path at CI size: stages 1 and 2 on the tiny world, export, then the captions transformers
     writes for the validation scenes (processor + generate, as the README shows) are eval.py's."""

@@ -140,6 +140,7 @@ def test_pformer_checkpoint_that_does_not_match_fails(tiny_world, tmp_path):
                     pformer=PFormer.from_checkpoint(state, "ok.pt"))
 
 
+@pytest.mark.slow
 def test_three_stages_chain_through_the_scripts(tiny_world, tmp_path):
     w = tiny_world
     common = ["--max_steps=4", "--lr_decay_steps=4", "--log_interval=2", "--eval_interval=100", "--ckpt_interval=100"]

@@ -330,6 +330,7 @@ def test_clips_that_are_not_videos_and_containers_without_a_frame_count(tmp_path
 # ---------------------------------------------------------------- pre-emption: SIGTERM and Ctrl-C
 
 
+@pytest.mark.slow
 def test_sigterm_ends_the_run_with_a_checkpoint_of_the_step_reached(tiny_world, tmp_path):
     """As a scheduler pre-empts a job: SIGTERM to every process of the run (DataLoader workers included)."""
     import signal
@@ -410,6 +411,7 @@ def _two_rank_worker(rank, port, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_stop_signals_and_nonfinite_watch_agree_across_two_ranks(tmp_path):
     import torch.multiprocessing as mp
 

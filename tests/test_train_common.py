@@ -329,6 +329,7 @@ def _worker(rank, world_size, port):
         distributed.cleanup_distributed()
 
 
+@pytest.mark.slow
 def test_two_process_gloo():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -351,3 +352,55 @@ def test_log_keeps_one_run_after_a_restart(tmp_path):
     logger.keep_until(0)
     assert path.read_text() == ''
     tc.Logger(str(tmp_path / 'other'), master=True).keep_until(0)  # no log yet: nothing to do
+
+# -----------------------------------------------------------------------------
+# the training loop's log lines, and what a checkpoint records
+
+
+def toy_training(tmp_path, monkeypatch, **changes):
+    """train_common.train on a linear model and a list of vectors, on a fake clock on which every forward (a
+    training micro-step or a validation batch) takes one second. Returns the log lines and the checkpoint."""
+    import time as real_time
+    from types import SimpleNamespace
+
+    clock = [0.0]
+    monkeypatch.setattr(tc, 'time', SimpleNamespace(perf_counter=lambda: clock[0], time=real_time.time,
+                                                    strftime=real_time.strftime))
+
+    def loss_fn(model, batch):
+        clock[0] += 1.0
+        return {'loss': model(batch['x']).pow(2).mean()}  # B x 1
+    samples = [{'x': torch.randn(4, generator=torch.Generator().manual_seed(i)), 'text': 'a'} for i in range(64)]
+    loader = torch.utils.data.DataLoader(samples, batch_size=2)
+    cfg = dict(seed=0, out_dir=str(tmp_path), init_from='scratch', overwrite=False, batch_size=2, grad_accum=2,
+               max_steps=5, log_interval=2, eval_interval=3, eval_batches=2, ckpt_interval=100, lr=1e-3, min_lr=0.0,
+               warmup_steps=0, warmup_start_lr=0.0, lr_decay_steps=5, weight_decay=0.0, betas=(0.9, 0.95),
+               grad_clip=1.0, dtype='float32', compile=False, num_workers=0, wandb_log=False, wandb_project='',
+               wandb_run_name='')
+    cfg.update(changes)
+    single = distributed.Dist(ddp=False, rank=0, local_rank=0, world_size=1, device='cpu', master=True)
+    tc.train(model=nn.Linear(4, 1), loss_fn=loss_fn, loader=loader, val_loader=loader, cfg=cfg, dist_info=single,
+             stage=1)
+    rows = [json.loads(line) for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
+    return rows, read_checkpoint(str(tmp_path / 'ckpt.pt'))
+
+
+def test_each_log_line_counts_its_own_steps_and_time(tmp_path, monkeypatch):
+    """max_steps=5, log_interval=2: the lines at steps 2, 4 and 5 cover 2, 2 and 1 steps of 2 micro-steps of 2
+    samples, and each divides its own samples by its own training time (validation at steps 3 and 5 left out), so
+    at one second per micro-step every line reads 2 samples/s; the last is not a full interval's samples over one
+    step's time, nor the line after a validation the interval's samples over the time since it."""
+    rows, _ = toy_training(tmp_path, monkeypatch)
+    train = [r for r in rows if 'loss' in r]
+    assert [(r['step'], r['samples']) for r in train] == [(2, 8), (4, 8), (5, 4)]
+    assert [r['samples_per_sec'] for r in train] == [2.0, 2.0, 2.0]
+    assert [r['step'] for r in rows if 'val_loss' in r] == [3, 5]
+
+
+def test_checkpoint_records_what_wrote_it(tmp_path, monkeypatch):
+    import metrics
+
+    _, state = toy_training(tmp_path, monkeypatch, max_steps=2, eval_batches=0)
+    assert state['provenance'] == metrics.provenance('cpu')
+    assert state['provenance']['commit'] == metrics.CODE_COMMIT != ''
+    assert state['provenance']['torch_threads'] == torch.get_num_threads()
