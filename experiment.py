@@ -39,8 +39,9 @@ import quickstart
 import world
 from backbones import FrozenLLM
 from data import eval_transform
-from eval import VQA_PROMPT
-from model import PFormer, from_checkpoint, nearest_embeddings, read_checkpoint
+from metrics import VQA_PROMPT, write_json
+from checkpoints import from_checkpoint, read_checkpoint
+from model import PFormer, nearest_embeddings
 
 SIZES = {  # the world, validation scenes, grid, steps per stage, arguments of every stage, caption scorers
     "full": dict(world={}, worlds=[0, 1], n_val=100, n_pairs=[100, 1900], seeds=[0, 1, 2], pformer=300,
@@ -53,11 +54,6 @@ SIZES = {  # the world, validation scenes, grid, steps per stage, arguments of e
                   scorers="['CIDEr']", diag=dict(steps=[5], text_scenes=[50], old_llm_steps=40)),
 }
 ARMS = {"BLIP-2": "blip2", "BLIP-2 + P-Former": "blip2_pformer"}
-
-
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
 
 
 def write_splits(data, n_pairs, n_val, seed=0):

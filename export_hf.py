@@ -24,7 +24,8 @@ from transformers import (BlipImageProcessor, Blip2ForConditionalGeneration, Bli
 
 from configurator import apply_overrides, config_snapshot
 from data import CLIP_MEAN, CLIP_STD
-from model import Blip2Stage2, from_checkpoint
+from checkpoints import from_checkpoint
+from model import Blip2Stage2
 from pretrained import hf_config_of, ours_to_hf, unexportable
 
 # -----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ Read top to bottom:
   4. Blip2Stage1: ITC + ITM + ITG (BLIP-2 section 3.2)
   5. Blip2Stage2: the LM loss and generation (BLIP-2 section 3.3)
   6. P-Former (P-Former section 3): stage 0 on text alone, and the alignment loss of stages 1 and 2
-  7. torch.compile, and this project's checkpoints (read_checkpoint, from_checkpoint for inference)
+checkpoints.py reads and writes this project's checkpoints and rebuilds a model from one (from_checkpoint).
 
 Shapes in comments: B = batch, T = frames of a clip, Q = 32 queries, L = text length, N = 257 image tokens per frame,
 D = 768 (Q-Former width), W = 1408 (image encoder width).
@@ -23,8 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbones import (ClipFeatures, Frozen, FrozenLLM, FrozenViT, freeze, from_pretrained, load_weights,
-                       read_state_dict, tensor_checksum)
+from backbones import ClipFeatures, Frozen, FrozenLLM, FrozenViT, freeze, from_pretrained, load_weights
 from distributed import gather_no_grad, gather_with_grad, max_over_ranks, rank_and_world_size
 
 # -----------------------------------------------------------------------------
@@ -798,68 +797,3 @@ class PFormerStage0(nn.Module):
         table = self.llm.model.get_input_embeddings().weight.detach()  # V x d_LLM
         flat = prompts.reshape(-1, prompts.shape[-1])
         return F.mse_loss(flat.float(), table[nearest_embeddings(flat.detach(), table)].float())
-
-
-# -----------------------------------------------------------------------------
-# 7. torch.compile, checkpoints
-
-
-def compile_blocks(model, **compile_kwargs):
-    """torch.compile, in place, the code that does the tensor work: the frozen ViT, each attention regime of the
-    Q-Former (and P-Former) as one graph over all its layers (and its read_image), and the frozen LLM. The Python
-    around them stays eager: the tokenizers read the captions as strings, and a whole-model torch.compile would specialise on their text and
-    recompile for every batch. One graph per regime, not per layer: the layers differ (cross-attention every other
-    layer), and per-layer graphs times regimes times train/eval would pass torch.compile's recompile limit (8) and
-    fall back to eager. Parameter names do not change, so checkpoints are the same as without compile."""
-    for m in model.modules():
-        if isinstance(m, FrozenViT):
-            m.compile(**compile_kwargs)
-        elif isinstance(m, QFormer):
-            for name in ("read_image", "encode_queries", "encode_text", "encode_joint", "decode_text"):
-                setattr(m, name, torch.compile(getattr(m, name), **compile_kwargs))
-        elif isinstance(m, FrozenLLM):
-            m.model.compile(**compile_kwargs)
-    return model
-
-
-def read_checkpoint(path, expect_stage=None):
-    """A checkpoint of this project's train scripts ({stage, model, optimizer, step, config, ...}), with its
-    weights checked: a non-finite weight is an error, never a model that answers "<s><s><s>", and so are tensors
-    that do not match the checkpoint's checksum (train_common.save_checkpoint)."""
-    state = read_state_dict(path)
-    if expect_stage is not None and state.get("stage") != expect_stage:
-        found = f"a stage-{state['stage']} checkpoint" if "stage" in state else "a checkpoint without a 'stage' entry"
-        raise ValueError(f"{path} is {found}, expected stage {expect_stage}")
-    for k, v in state.get("model", {}).items():
-        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
-            raise ValueError(f"{path} holds non-finite weights (nan or inf) in {k}: the run that wrote it diverged")
-    if "checksum" in state and state["checksum"] != tensor_checksum({"model": state.get("model"),
-                                                                     "optimizer": state.get("optimizer")}):
-        raise ValueError(f"{path}: its weights or optimizer state do not match the checksum written with them (a bit "
-                         f"flipped on disk or in a copy?): not loaded")
-    return state
-
-
-def from_checkpoint(path, device="cpu", overrides=None):
-    """A stage-1 (retrieval) or stage-2 (captioning, VQA) model of this project for inference: rebuilt from the
-    config saved in its checkpoint (with `overrides`, e.g. {"llm_model": "/models/opt-2.7b"}), its trainable weights
-    loaded, in eval mode on `device`. Off CUDA the frozen parts are float32 (half-precision weights are for GPUs)."""
-    state = read_checkpoint(path)
-    if state.get("stage") not in (1, 2) or "model" not in state or "config" not in state:
-        raise ValueError(f"{path} is not a stage-1 or stage-2 checkpoint (stage={state.get('stage')!r})")
-    unknown = sorted(set(overrides or {}) - {f.name for f in fields(Blip2Config)})
-    if unknown:
-        raise ValueError(f"model overrides: {', '.join(unknown)} not fields of model.Blip2Config")
-    config = Blip2Config.pick({**state["config"], **(overrides or {})})
-    if not str(device).startswith("cuda"):
-        config = replace(config, vit_dtype="float32", llm_dtype="float32")
-    weights = state["model"]
-    if state["stage"] == 1:
-        model = Blip2Stage1(config)
-        # a stage 1 aligned to a P-Former also trained llm_proj (for stage 2); retrieval has no use for it
-        weights = {k: v for k, v in weights.items() if not k.startswith("llm_proj.")}
-    else:  # the P-Former of a P-Former run was a training-time teacher only: generation never reads it
-        model = Blip2Stage2(config)
-    # a clip model (num_frames > 1 in overrides) may start from an image checkpoint
-    load_weights(model, weights, path, required=model.required_weights(), trainable_only=True)
-    return model.to(device).eval()

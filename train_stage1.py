@@ -15,7 +15,8 @@ from configurator import apply_overrides, config_snapshot
 from data import image_text_loader
 from distributed import cleanup_distributed, setup_distributed
 from backbones import load_weights
-from model import Blip2Config, Blip2Stage1, PFormer, read_checkpoint
+from checkpoints import read_checkpoint
+from model import Blip2Config, Blip2Stage1, PFormer
 from pretrained import init_from_bert, init_llm_proj_from_blip2
 
 # -----------------------------------------------------------------------------

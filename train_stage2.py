@@ -12,7 +12,8 @@ import train_common as tc
 from configurator import apply_overrides, config_snapshot
 from data import image_text_loader
 from distributed import cleanup_distributed, setup_distributed
-from model import Blip2Config, Blip2Stage2, PFormer, read_checkpoint
+from checkpoints import read_checkpoint, take_model_sizes
+from model import Blip2Config, Blip2Stage2, PFormer
 from pretrained import init_llm_proj_from_blip2
 
 # -----------------------------------------------------------------------------

@@ -10,7 +10,8 @@ import bench
 import tiny
 from tiny import close
 from backbones import FrozenLLM, FrozenViT, split_captions
-from model import Blip2Stage1, compile_blocks, sample_negatives
+from model import Blip2Stage1, sample_negatives
+from train_common import compile_blocks
 from pretrained import blip2_stage1_from_hf, blip2_stage2_from_hf, init_from_bert
 
 CAPTIONS = ["a red square", "two blue stars", "the big circle", "a small green triangle"]

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import tiny
 from backbones import FrozenLLM
-from model import Blip2Stage1, PFormer, PFormerStage0, mask_tokens, nearest_embeddings, read_checkpoint
+from checkpoints import read_checkpoint
+from model import Blip2Stage1, PFormer, PFormerStage0, mask_tokens, nearest_embeddings
 from scripts import run_script
 from train_common import save_checkpoint
 

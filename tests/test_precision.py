@@ -16,7 +16,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import tiny
 import train_common as tc
 from host_sync import HostSyncProbe, mark_host
-from model import Blip2Stage1, compile_blocks, read_checkpoint
+from checkpoints import read_checkpoint
+from model import Blip2Stage1
+from train_common import compile_blocks
 from pretrained import blip2_stage2_from_hf, init_from_bert
 from scripts import read_log, run_script, tiny_data_args
 

@@ -237,7 +237,7 @@ def test_vatex_recipe_trains_with_the_bert_bridge(bert, blip2, tmp_path):
 
     import numpy as np
 
-    from model import from_checkpoint
+    from checkpoints import from_checkpoint
     from scripts import run_script
 
     hf, tok, blip2_dir = blip2
