@@ -1,7 +1,8 @@
 """
 This project's checkpoints: written atomically with a checksum (save_checkpoint), read back checked
-(read_checkpoint), the model sizes a run takes from the checkpoint it starts from (take_model_sizes), and a model
-rebuilt from one for inference (from_checkpoint).
+(read_checkpoint), the model sizes a run takes from the checkpoint it starts from (take_model_sizes), the frozen
+P-Former of a stage-0 checkpoint (pformer_from_checkpoint), and a model rebuilt from one for inference
+(from_checkpoint).
 
 A checkpoint is a dict {stage, model: the trainable weights, optimizer, step, config: the training script's config,
 checksum, ...}; its config is the one source of a model's sizes once it is written.
@@ -12,7 +13,7 @@ import torch
 
 from backbones import load_weights, read_state_dict, tensor_checksum
 from metrics import write_atomic
-from model import Blip2Config, Blip2Stage1, Blip2Stage2
+from model import Blip2Config, Blip2Stage1, Blip2Stage2, PFormer
 
 # The Blip2Config fields that shape the trainable weights of the visual path and the Q-Former, and the frozen image
 # encoder whose features its cross-attention learned to read: a model started from a checkpoint has the checkpoint's.
@@ -49,6 +50,17 @@ def read_checkpoint(path, expect_stage=None):
         raise ValueError(f"{path}: its weights or optimizer state do not match the checksum written with them (a bit "
                          f"flipped on disk or in a copy?): not loaded")
     return state
+
+
+def pformer_from_checkpoint(state, source):
+    """The P-Former of a stage-0 checkpoint (train_pformer.py) as read_checkpoint reads it. Every weight must be
+    there, under the expected name and shape: a mismatch fails here instead of aligning to a half-random P-Former."""
+    weights = {k.removeprefix("pformer."): v for k, v in state["model"].items() if k.startswith("pformer.")}
+    if "llm_proj.weight" not in weights:
+        raise ValueError(f"{source} is not a P-Former checkpoint: no pformer.llm_proj.weight")
+    pformer = PFormer(Blip2Config.pick(state["config"]), weights["llm_proj.weight"].shape[0])
+    load_weights(pformer, weights, source)
+    return pformer
 
 
 def take_model_sizes(config, path):

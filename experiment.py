@@ -40,8 +40,8 @@ import world
 from backbones import FrozenLLM
 from data import eval_transform
 from metrics import VQA_PROMPT, write_json
-from checkpoints import from_checkpoint, read_checkpoint
-from model import PFormer, nearest_embeddings
+from checkpoints import from_checkpoint, pformer_from_checkpoint, read_checkpoint
+from model import nearest_embeddings
 
 SIZES = {  # the world, validation scenes, grid, steps per stage, arguments of every stage, caption scorers
     "full": dict(world={}, worlds=[0, 1], n_val=100, n_pairs=[100, 1900], seeds=[0, 1, 2], pformer=300,
@@ -310,7 +310,7 @@ def text_prompts(llm, items, old=False, Q=16):
 
 def pformer_prompts(ckpt, items):
     """(b) the P-Former's prompt for each scene's true (canonical) caption."""
-    pf = PFormer.from_checkpoint(read_checkpoint(ckpt, expect_stage=0), ckpt).eval()
+    pf = pformer_from_checkpoint(read_checkpoint(ckpt, expect_stage=0), ckpt).eval()
     with torch.no_grad():
         return pf(*pf.tokenize([world.scene_caption(it["scene"]) for it in items], "cpu"))[0]
 

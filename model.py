@@ -52,7 +52,7 @@ class Blip2Config:
     num_layers: int = 12
     num_heads: int = 12
     intermediate_size: int = 3072
-    vocab_size: int = 30523  # bert-base-uncased 30522 + [DEC]
+    vocab_size: int = 0  # 0: the BERT tokenizer's with [DEC] (30523 for bert-base-uncased), set by the model loading it
     max_position_embeddings: int = 512
     layer_norm_eps: float = 1e-12
     dropout: float = 0.1
@@ -302,6 +302,14 @@ def load_qformer_tokenizer(bert):
     return tok
 
 
+def with_vocab_of(config, tokenizer):
+    """config with the Q-Former's vocabulary size set from its tokenizer (with [DEC]) unless given: at least that."""
+    if config.vocab_size and config.vocab_size < len(tokenizer):
+        raise ValueError(f"the Q-Former tokenizer of {config.bert} has {len(tokenizer)} tokens (with [DEC]) but "
+                         f"vocab_size={config.vocab_size}")
+    return config if config.vocab_size else replace(config, vocab_size=len(tokenizer))
+
+
 # -----------------------------------------------------------------------------
 # 3. the visual path of stages 1 and 2
 
@@ -406,6 +414,8 @@ class Blip2Stage1(VisualQueries):
     `loss = itc + itm + itg` (+ align_weight * align with a P-Former, which also trains llm_proj for stage 2)."""
 
     def __init__(self, config, tokenizer=None, vit=None, pformer=None):
+        tokenizer = load_qformer_tokenizer(tokenizer if tokenizer is not None else config.bert)
+        config = with_vocab_of(config, tokenizer)
         super().__init__(config, vit)
         c = self.config = config
         # with a P-Former, stage 1 also learns llm_proj (carried into stage 2) by the alignment loss
@@ -419,10 +429,7 @@ class Blip2Stage1(VisualQueries):
         for m in (self.vision_proj, self.text_proj, self.itm_head, self.llm_proj):
             if m is not None:
                 _init_bert_weights(m)
-        self.tokenizer = load_qformer_tokenizer(tokenizer if tokenizer is not None else c.bert)
-        if len(self.tokenizer) > c.vocab_size:
-            raise ValueError(f"the Q-Former tokenizer has {len(self.tokenizer)} tokens (with [DEC]) but "
-                             f"vocab_size={c.vocab_size}")
+        self.tokenizer = tokenizer
         self.dec_token_id = self.tokenizer.bos_token_id
         if c.bridge == "bert" and c.stage1_losses:
             raise ValueError(f"stage1_losses={c.stage1_losses}: the BERT bridge has no text path for ITC / ITM / ITG; "
@@ -665,8 +672,8 @@ class PFormer(nn.Module):
 
     def __init__(self, config, llm_dim, tokenizer=None):
         super().__init__()
-        c = self.config = config
-        self.tokenizer = load_qformer_tokenizer(tokenizer if tokenizer is not None else c.bert)
+        self.tokenizer = load_qformer_tokenizer(tokenizer if tokenizer is not None else config.bert)
+        c = self.config = with_vocab_of(config, self.tokenizer)
         self.encoder = QFormer(replace(c, num_query_tokens=0))
         self.num_prompts, self.llm_dim = c.num_query_tokens, llm_dim
         self.cls_proj = nn.Linear(c.hidden_size, c.num_query_tokens * c.hidden_size)
@@ -699,17 +706,6 @@ class PFormer(nn.Module):
             sim = f @ gather_no_grad(f).t() / self.temp.float()  # B x (B * world)
         targets = torch.arange(f.shape[0], device=f.device) + rank * f.shape[0]
         return F.cross_entropy(sim, targets, label_smoothing=0.1)
-
-    @classmethod
-    def from_checkpoint(cls, state, source):
-        """The P-Former of a stage-0 checkpoint (train_pformer.py). Every weight must be there, under the
-        expected name and shape: a mismatch fails here instead of aligning to a half-random P-Former."""
-        weights = {k.removeprefix("pformer."): v for k, v in state["model"].items() if k.startswith("pformer.")}
-        if "llm_proj.weight" not in weights:
-            raise ValueError(f"{source} is not a P-Former checkpoint: no pformer.llm_proj.weight")
-        pformer = cls(Blip2Config.pick(state["config"]), weights["llm_proj.weight"].shape[0])
-        load_weights(pformer, weights, source)
-        return pformer
 
 
 class FrozenPFormer(Frozen):
