@@ -1,6 +1,7 @@
 """
 BLIP-2 (Li et al., 2023, arXiv 2301.12597) with P-Former (Jian et al., NeurIPS 2023, arXiv 2307.07063), from the
-small blocks to the full models. The frozen image encoder and LLM are wrapped in backbones.py.
+small blocks to the full models. The frozen image encoder and LLM are wrapped in backbones.py; checkpoints.py writes
+and reads this project's checkpoints and rebuilds a model from one (from_checkpoint).
 
 Read top to bottom:
   1. config
@@ -11,7 +12,6 @@ Read top to bottom:
   4. Blip2Stage1: ITC + ITM + ITG (BLIP-2 section 3.2)
   5. Blip2Stage2: the LM loss and generation (BLIP-2 section 3.3)
   6. P-Former (P-Former section 3): stage 0 on text alone, and the alignment loss of stages 1 and 2
-checkpoints.py reads and writes this project's checkpoints and rebuilds a model from one (from_checkpoint).
 
 Shapes in comments: B = batch, T = frames of a clip, Q = 32 queries, L = text length, N = 257 image tokens per frame,
 D = 768 (Q-Former width), W = 1408 (image encoder width).
