@@ -27,10 +27,10 @@ from tqdm import tqdm
 import metrics as M
 from metrics import VQA_PROMPT
 import train_common as tc
+from checkpoints import from_checkpoint
 from configurator import apply_overrides, config_snapshot
 from data import ClipTransform, _unreadable, clean_caption, decode_frames, eval_transform, load_clip_features, pad_clip
 from distributed import cleanup_distributed, gather_objects, is_master, setup_distributed
-from checkpoints import from_checkpoint
 from model import Blip2Stage1, Blip2Stage2
 
 # -----------------------------------------------------------------------------

@@ -38,9 +38,9 @@ import plots
 import quickstart
 import world
 from backbones import FrozenLLM
+from checkpoints import from_checkpoint, pformer_from_checkpoint, read_checkpoint
 from data import eval_transform
 from metrics import VQA_PROMPT, write_json
-from checkpoints import from_checkpoint, pformer_from_checkpoint, read_checkpoint
 from model import nearest_embeddings
 
 SIZES = {  # the world, validation scenes, grid, steps per stage, arguments of every stage, caption scorers
