@@ -43,13 +43,14 @@ def load_weights(module, state_dict, source, required=None, trainable_only=False
     module.load_state_dict(state_dict, strict=False)
 
 
-def read_state_dict(path):
+def read_state_dict(path, mmap=False):
     """A state dict saved with torch.save, read with weights_only=True: tensors and plain values only, so that a
-    crafted file cannot run code; errors name the file."""
+    crafted file cannot run code; errors name the file. mmap=True maps the tensors instead of reading them (for a
+    look at the plain values only)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # on CPU: every rank loads its own copy
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)  # on CPU: every rank loads its own copy
     except Exception as e:  # torch's message would suggest weights_only=False, which runs the file's code
         found = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
         if isinstance(e, pickle.UnpicklingError) and found:

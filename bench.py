@@ -31,7 +31,6 @@ import torch
 import train_common as tc
 from configurator import apply_overrides
 from metrics import provenance
-from model import compile_blocks
 
 # -----------------------------------------------------------------------------
 # config
@@ -43,7 +42,7 @@ warmup = 2  # untimed steps first (allocator, autotuning, torch.compile)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast and frozen weights (no GradScaler: timing)
 compare_hf = True  # stage 2: also time transformers' Blip2ForConditionalGeneration on the same weights and batch
-compile = False  # torch.compile our model's blocks (model.compile_blocks), as train_common.train does with compile=True
+compile = False  # torch.compile our model's blocks (train_common.compile_blocks), as train_common.train does with compile=True
 compile_hf = False  # torch.compile the HF reference's vision tower, Q-Former and LLM as well
 cache = False  # stages 1 and 2: the step reads precomputed frozen-ViT features instead of images (no augmentation)
 flops_only = False  # no timing: FLOPs per sample by part at the size's full depth (see flops_at_full_depth), and the
@@ -623,7 +622,7 @@ def bench_stage(stage_):
     flops_per_sample = sum(f + b for f, b in flops.values()) / batch_size
     hf_flops_per_sample = total_flops(hf, hf_loss, hf_batches[0]) / batch_size if hf is not None else None
     if compile:
-        compile_blocks(model)
+        tc.compile_blocks(model)
     if compile_hf and hf is not None:  # the reference's blocks: vision tower, Q-Former, LLM
         for m in (hf.vision_model, hf.qformer, hf.language_model):
             m.compile()

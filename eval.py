@@ -26,11 +26,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import metrics as M
+from metrics import VQA_PROMPT
 import train_common as tc
+from checkpoints import from_checkpoint
 from configurator import apply_overrides, config_snapshot
 from data import ClipTransform, _unreadable, clean_caption, decode_frames, eval_transform, load_clip_features, pad_clip
 from distributed import cleanup_distributed, gather_objects, is_master, setup_distributed
-from model import Blip2Stage1, Blip2Stage2, from_checkpoint
+from model import Blip2Stage1, Blip2Stage2
 
 # -----------------------------------------------------------------------------
 # default config
@@ -74,7 +76,6 @@ out_dir = "out/eval"
 # -----------------------------------------------------------------------------
 DEFAULTS = config_snapshot(globals())  # the config above, before anything else is defined
 
-VQA_PROMPT = "Question: {} Short answer:"
 TASK_FAMILY = {"vqav2": "vqa", "okvqa": "vqa", "gqa": "vqa", "vqa": "vqa", "coco_caption": "caption",
                "nocaps": "caption", "caption": "caption", "coco_retrieval": "retrieval",
                "flickr_retrieval": "retrieval", "msrvtt_caption": "caption", "msvd_caption": "caption",
@@ -113,7 +114,7 @@ TASK_DATA = {
 
 
 def load_model(ckpt="", hf="", device="cpu", model_overrides=None, hf_dtype=""):
-    """A Blip2Stage1 / Blip2Stage2 in eval mode on device, from this project's checkpoint (model.from_checkpoint)
+    """A Blip2Stage1 / Blip2Stage2 in eval mode on device, from this project's checkpoint (checkpoints.from_checkpoint)
     or from a Hugging Face BLIP-2 (a Hub name or a directory; its config names the architecture)."""
     if bool(ckpt) == bool(hf):
         raise ValueError("give the model as exactly one of --ckpt=out/stage2/ckpt.pt or --hf=<HF BLIP-2 name or dir>")

@@ -38,9 +38,10 @@ import plots
 import quickstart
 import world
 from backbones import FrozenLLM
+from checkpoints import from_checkpoint, pformer_from_checkpoint, read_checkpoint
 from data import eval_transform
-from eval import VQA_PROMPT
-from model import PFormer, from_checkpoint, nearest_embeddings, read_checkpoint
+from metrics import VQA_PROMPT, write_json
+from model import nearest_embeddings
 
 SIZES = {  # the world, validation scenes, grid, steps per stage, arguments of every stage, caption scorers
     "full": dict(world={}, worlds=[0, 1], n_val=100, n_pairs=[100, 1900], seeds=[0, 1, 2], pformer=300,
@@ -53,11 +54,6 @@ SIZES = {  # the world, validation scenes, grid, steps per stage, arguments of e
                   scorers="['CIDEr']", diag=dict(steps=[5], text_scenes=[50], old_llm_steps=40)),
 }
 ARMS = {"BLIP-2": "blip2", "BLIP-2 + P-Former": "blip2_pformer"}
-
-
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
 
 
 def write_splits(data, n_pairs, n_val, seed=0):
@@ -314,7 +310,7 @@ def text_prompts(llm, items, old=False, Q=16):
 
 def pformer_prompts(ckpt, items):
     """(b) the P-Former's prompt for each scene's true (canonical) caption."""
-    pf = PFormer.from_checkpoint(read_checkpoint(ckpt, expect_stage=0), ckpt).eval()
+    pf = pformer_from_checkpoint(read_checkpoint(ckpt, expect_stage=0), ckpt).eval()
     with torch.no_grad():
         return pf(*pf.tokenize([world.scene_caption(it["scene"]) for it in items], "cpu"))[0]
 

@@ -1,5 +1,6 @@
 """
-Scoring for eval.py, pure functions without a model: the benchmarks' annotation readers (VQAv2 / OK-VQA, GQA, COCO
+Scoring for eval.py, pure functions without a model (and the zero-shot VQA prompt, and the atomic file writer that
+every result and checkpoint goes through): the benchmarks' annotation readers (VQAv2 / OK-VQA, GQA, COCO
 Karpathy, NoCaps, Flickr30k, LAVIS's MSRVTT / MSVD / VATEX video captions and MSRVTT-QA / MSVD-QA, and generic lists),
 VQA answer normalisation and accuracy as the official VQAv2 evaluation computes them, caption metrics with
 pycocoevalcap (BLEU, METEOR, ROUGE-L, CIDEr, SPICE), and image-text retrieval recall with ITM re-ranking. Also
@@ -15,6 +16,7 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
 from importlib import metadata
 
 import torch
@@ -445,18 +447,39 @@ def write_coco_results(path, predictions):
 
 
 def write_json(path, obj, indent=None):
-    """Write obj as JSON atomically: a temporary file, then a rename, so that a crash or a full disk mid-write never
-    leaves a truncated file behind, nor the temporary one."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    """Write obj as JSON (UTF-8) atomically (write_atomic)."""
+    write_atomic(path, lambda f: json.dump(obj, f, indent=indent))
+
+
+def write_atomic(path, write, binary=False):
+    """Write the file at `path` whole or not at all: write(f) fills a temporary file in the same directory (text in
+    UTF-8, or bytes with binary=True, e.g. `lambda f: torch.save(state, f)`), which goes to disk (fsync) before a
+    rename makes it `path`. A kill or an error mid-write (a full disk, an object that cannot be serialised) leaves
+    the previous file as it was, and no temporary one; a full disk is an OSError that says so and names the path."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    # the temp file sits in the same directory so that os.replace is a rename on one filesystem, hence atomic
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent)
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the file
         os.replace(tmp, path)
-    except OSError as e:
-        raise disk_full_error(e, path)
+    except BaseException as e:
+        os.unlink(tmp)
+        # torch reports a failed write as "enforce fail at inline_container.cc", the OSError as its context
+        while e is not None and not (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
+            e = e.__context__
+        if e is not None:
+            raise OSError(e.errno, f"no space left on device (or quota) writing {path}: the file there, if any, "
+                                   f"is the previous one") from None
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)  # and the rename itself survives a power cut
+    try:
+        os.fsync(dir_fd)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        os.close(dir_fd)
 
 
 def git_commit(root):
@@ -581,6 +604,10 @@ def print_table(title, rows):
     print(title)
     for k, v in rows.items():
         print(f"  {str(k):<{width}}  {v:>8.2f}" if isinstance(v, float) else f"  {str(k):<{width}}  {v:>8}")
+
+
+# BLIP-2's zero-shot VQA prompt (section 4) for OPT, {} = the cleaned question; the worlds' LLMs learn it from text
+VQA_PROMPT = "Question: {} Short answer:"
 
 
 def clean_question(question, max_words=50):

@@ -1,6 +1,7 @@
 """
 BLIP-2 (Li et al., 2023, arXiv 2301.12597) with P-Former (Jian et al., NeurIPS 2023, arXiv 2307.07063), from the
-small blocks to the full models. The frozen image encoder and LLM are wrapped in backbones.py.
+small blocks to the full models. The frozen image encoder and LLM are wrapped in backbones.py; checkpoints.py writes
+and reads this project's checkpoints and rebuilds a model from one (from_checkpoint).
 
 Read top to bottom:
   1. config
@@ -11,7 +12,6 @@ Read top to bottom:
   4. Blip2Stage1: ITC + ITM + ITG (BLIP-2 section 3.2)
   5. Blip2Stage2: the LM loss and generation (BLIP-2 section 3.3)
   6. P-Former (P-Former section 3): stage 0 on text alone, and the alignment loss of stages 1 and 2
-  7. torch.compile, and this project's checkpoints (read_checkpoint, from_checkpoint for inference)
 
 The official code each part follows (repository: file, in lavis/models/blip2_models/ unless a path is given):
   frozen image encoder (backbones.FrozenViT)  salesforce/LAVIS: lavis/models/eva_vit.py
@@ -33,8 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbones import (ClipFeatures, Frozen, FrozenLLM, FrozenViT, freeze, from_pretrained, load_weights,
-                       read_state_dict, tensor_checksum)
+from backbones import ClipFeatures, Frozen, FrozenLLM, FrozenViT, freeze, from_pretrained, load_weights
 from distributed import gather_no_grad, gather_with_grad, max_over_ranks, rank_and_world_size
 
 # -----------------------------------------------------------------------------
@@ -63,7 +62,7 @@ class Blip2Config:
     num_layers: int = 12
     num_heads: int = 12
     intermediate_size: int = 3072
-    vocab_size: int = 30523  # bert-base-uncased 30522 + [DEC]
+    vocab_size: int = 0  # 0: the BERT tokenizer's with [DEC] (30523 for bert-base-uncased), set by the model loading it
     max_position_embeddings: int = 512
     layer_norm_eps: float = 1e-12
     dropout: float = 0.1
@@ -313,6 +312,14 @@ def load_qformer_tokenizer(bert):
     return tok
 
 
+def with_vocab_of(config, tokenizer):
+    """config with the Q-Former's vocabulary size set from its tokenizer (with [DEC]) unless given: at least that."""
+    if config.vocab_size and config.vocab_size < len(tokenizer):
+        raise ValueError(f"the Q-Former tokenizer of {config.bert} has {len(tokenizer)} tokens (with [DEC]) but "
+                         f"vocab_size={config.vocab_size}")
+    return config if config.vocab_size else replace(config, vocab_size=len(tokenizer))
+
+
 # -----------------------------------------------------------------------------
 # 3. the visual path of stages 1 and 2
 
@@ -417,6 +424,8 @@ class Blip2Stage1(VisualQueries):
     `loss = itc + itm + itg` (+ align_weight * align with a P-Former, which also trains llm_proj for stage 2)."""
 
     def __init__(self, config, tokenizer=None, vit=None, pformer=None):
+        tokenizer = load_qformer_tokenizer(tokenizer if tokenizer is not None else config.bert)
+        config = with_vocab_of(config, tokenizer)
         super().__init__(config, vit)
         c = self.config = config
         # with a P-Former, stage 1 also learns llm_proj (carried into stage 2) by the alignment loss
@@ -430,10 +439,7 @@ class Blip2Stage1(VisualQueries):
         for m in (self.vision_proj, self.text_proj, self.itm_head, self.llm_proj):
             if m is not None:
                 _init_bert_weights(m)
-        self.tokenizer = load_qformer_tokenizer(tokenizer if tokenizer is not None else c.bert)
-        if len(self.tokenizer) > c.vocab_size:
-            raise ValueError(f"the Q-Former tokenizer has {len(self.tokenizer)} tokens (with [DEC]) but "
-                             f"vocab_size={c.vocab_size}")
+        self.tokenizer = tokenizer
         self.dec_token_id = self.tokenizer.bos_token_id
         if c.bridge == "bert" and c.stage1_losses:
             raise ValueError(f"stage1_losses={c.stage1_losses}: the BERT bridge has no text path for ITC / ITM / ITG; "
@@ -676,8 +682,8 @@ class PFormer(nn.Module):
 
     def __init__(self, config, llm_dim, tokenizer=None):
         super().__init__()
-        c = self.config = config
-        self.tokenizer = load_qformer_tokenizer(tokenizer if tokenizer is not None else c.bert)
+        self.tokenizer = load_qformer_tokenizer(tokenizer if tokenizer is not None else config.bert)
+        c = self.config = with_vocab_of(config, self.tokenizer)
         self.encoder = QFormer(replace(c, num_query_tokens=0))
         self.num_prompts, self.llm_dim = c.num_query_tokens, llm_dim
         self.cls_proj = nn.Linear(c.hidden_size, c.num_query_tokens * c.hidden_size)
@@ -710,17 +716,6 @@ class PFormer(nn.Module):
             sim = f @ gather_no_grad(f).t() / self.temp.float()  # B x (B * world)
         targets = torch.arange(f.shape[0], device=f.device) + rank * f.shape[0]
         return F.cross_entropy(sim, targets, label_smoothing=0.1)
-
-    @classmethod
-    def from_checkpoint(cls, state, source):
-        """The P-Former of a stage-0 checkpoint (train_pformer.py). Every weight must be there, under the
-        expected name and shape: a mismatch fails here instead of aligning to a half-random P-Former."""
-        weights = {k.removeprefix("pformer."): v for k, v in state["model"].items() if k.startswith("pformer.")}
-        if "llm_proj.weight" not in weights:
-            raise ValueError(f"{source} is not a P-Former checkpoint: no pformer.llm_proj.weight")
-        pformer = cls(Blip2Config.pick(state["config"]), weights["llm_proj.weight"].shape[0])
-        load_weights(pformer, weights, source)
-        return pformer
 
 
 class FrozenPFormer(Frozen):
@@ -808,68 +803,3 @@ class PFormerStage0(nn.Module):
         table = self.llm.model.get_input_embeddings().weight.detach()  # V x d_LLM
         flat = prompts.reshape(-1, prompts.shape[-1])
         return F.mse_loss(flat.float(), table[nearest_embeddings(flat.detach(), table)].float())
-
-
-# -----------------------------------------------------------------------------
-# 7. torch.compile, checkpoints
-
-
-def compile_blocks(model, **compile_kwargs):
-    """torch.compile, in place, the code that does the tensor work: the frozen ViT, each attention regime of the
-    Q-Former (and P-Former) as one graph over all its layers (and its read_image), and the frozen LLM. The Python
-    around them stays eager: the tokenizers read the captions as strings, and a whole-model torch.compile would specialise on their text and
-    recompile for every batch. One graph per regime, not per layer: the layers differ (cross-attention every other
-    layer), and per-layer graphs times regimes times train/eval would pass torch.compile's recompile limit (8) and
-    fall back to eager. Parameter names do not change, so checkpoints are the same as without compile."""
-    for m in model.modules():
-        if isinstance(m, FrozenViT):
-            m.compile(**compile_kwargs)
-        elif isinstance(m, QFormer):
-            for name in ("read_image", "encode_queries", "encode_text", "encode_joint", "decode_text"):
-                setattr(m, name, torch.compile(getattr(m, name), **compile_kwargs))
-        elif isinstance(m, FrozenLLM):
-            m.model.compile(**compile_kwargs)
-    return model
-
-
-def read_checkpoint(path, expect_stage=None):
-    """A checkpoint of this project's train scripts ({stage, model, optimizer, step, config, ...}), with its
-    weights checked: a non-finite weight is an error, never a model that answers "<s><s><s>", and so are tensors
-    that do not match the checkpoint's checksum (train_common.save_checkpoint)."""
-    state = read_state_dict(path)
-    if expect_stage is not None and state.get("stage") != expect_stage:
-        found = f"a stage-{state['stage']} checkpoint" if "stage" in state else "a checkpoint without a 'stage' entry"
-        raise ValueError(f"{path} is {found}, expected stage {expect_stage}")
-    for k, v in state.get("model", {}).items():
-        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
-            raise ValueError(f"{path} holds non-finite weights (nan or inf) in {k}: the run that wrote it diverged")
-    if "checksum" in state and state["checksum"] != tensor_checksum({"model": state.get("model"),
-                                                                     "optimizer": state.get("optimizer")}):
-        raise ValueError(f"{path}: its weights or optimizer state do not match the checksum written with them (a bit "
-                         f"flipped on disk or in a copy?): not loaded")
-    return state
-
-
-def from_checkpoint(path, device="cpu", overrides=None):
-    """A stage-1 (retrieval) or stage-2 (captioning, VQA) model of this project for inference: rebuilt from the
-    config saved in its checkpoint (with `overrides`, e.g. {"llm_model": "/models/opt-2.7b"}), its trainable weights
-    loaded, in eval mode on `device`. Off CUDA the frozen parts are float32 (half-precision weights are for GPUs)."""
-    state = read_checkpoint(path)
-    if state.get("stage") not in (1, 2) or "model" not in state or "config" not in state:
-        raise ValueError(f"{path} is not a stage-1 or stage-2 checkpoint (stage={state.get('stage')!r})")
-    unknown = sorted(set(overrides or {}) - {f.name for f in fields(Blip2Config)})
-    if unknown:
-        raise ValueError(f"model overrides: {', '.join(unknown)} not fields of model.Blip2Config")
-    config = Blip2Config.pick({**state["config"], **(overrides or {})})
-    if not str(device).startswith("cuda"):
-        config = replace(config, vit_dtype="float32", llm_dtype="float32")
-    weights = state["model"]
-    if state["stage"] == 1:
-        model = Blip2Stage1(config)
-        # a stage 1 aligned to a P-Former also trained llm_proj (for stage 2); retrieval has no use for it
-        weights = {k: v for k, v in weights.items() if not k.startswith("llm_proj.")}
-    else:  # the P-Former of a P-Former run was a training-time teacher only: generation never reads it
-        model = Blip2Stage2(config)
-    # a clip model (num_frames > 1 in overrides) may start from an image checkpoint
-    load_weights(model, weights, path, required=model.required_weights(), trainable_only=True)
-    return model.to(device).eval()

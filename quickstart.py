@@ -87,7 +87,7 @@ def train(name, script, config, out_dir, steps, data, timings, *extra):
     the identities of the world and the checkpoints it starts from); resumed if it stopped before; redone from
     scratch if anything it depends on changed. The config file's data and backbone paths under data/quickstart (or
     data/video) are moved to `data`; `extra` comes last and wins. Returns the checkpoint's path."""
-    from model import read_checkpoint
+    from checkpoints import read_checkpoint
 
     ckpt, record = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "recipe.json")
     args = [config, f"--out_dir={out_dir}", f"--max_steps={steps}", f"--lr_decay_steps={steps}"]
@@ -143,7 +143,7 @@ def blind_baselines(data, questions, items):
     import metrics as M
 
     with open(f"{data}/corpus_qa.txt") as f:  # the answers of the text corpus (no image-question pairs exist)
-        corpus_qa = [line.rstrip("\n").split(" Short answer: ") for line in f]
+        corpus_qa = [line.rstrip("\n").split(M.VQA_PROMPT.split("{}")[1] + " ") for line in f]
     top_answer = Counter(a for _, a in corpus_qa).most_common(1)[0][0]
     by_question = {}
     for q, a in corpus_qa:

@@ -10,7 +10,6 @@ writes an out_dir at a time; a data source that cannot fill one batch stops the 
 ends the run after its step with a checkpoint; a killed run resumes exactly (weights, optimizer, step, data
 position, random state) with init_from='resume', and only with the settings it was started with unless asked.
 """
-import errno
 import glob
 import json
 import math
@@ -19,7 +18,6 @@ import random
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -32,11 +30,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.flop_counter import FlopCounterMode
 
-from backbones import DTYPES, tensor_checksum
+from backbones import DTYPES, FrozenLLM, FrozenViT, load_weights
+from checkpoints import read_checkpoint, save_checkpoint
 from data import dataset_identity
 from distributed import all_reduce_mean, gather_objects, is_master
-from metrics import provenance
-from model import compile_blocks, load_weights, read_checkpoint
+from metrics import provenance, write_atomic
+from model import QFormer
 
 # -----------------------------------------------------------------------------
 # config checks, seeding, mixed precision
@@ -147,42 +146,7 @@ def make_optimizer(model, *, lr, weight_decay, betas, device):
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.startswith("cuda"))
 
 # -----------------------------------------------------------------------------
-# checkpoints
-
-
-def save_checkpoint(path, state):
-    """torch.save(state, path) atomically: the file at path is either the old checkpoint or the complete new one,
-    never half a file, even if the job is killed mid-write. Weights that are not finite are never written. The
-    state gets a "checksum" of its weights and optimizer state, which model.read_checkpoint checks. A full disk
-    is an OSError that says so and names the path."""
-    for k, v in state.get("model", {}).items():
-        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
-            raise RuntimeError(f"not writing {path}: weight {k} is not finite (nan or inf)")
-    state = {**state, "checksum": tensor_checksum({"model": state.get("model"), "optimizer": state.get("optimizer")})}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # the temp file sits in the same directory so that os.replace is a rename on one filesystem, hence atomic
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
-        os.replace(tmp, path)
-    except BaseException as e:
-        os.unlink(tmp)
-        # torch reports a failed write as "enforce fail at inline_container.cc", the OSError as its context
-        while e is not None and not (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
-            e = e.__context__
-        if e is not None:
-            raise OSError(e.errno, f"no space left on device (or quota) writing {path}: the checkpoint there, if "
-                                   f"any, is the previous one") from None
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)  # and the rename itself survives a power cut
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+# checkpoints of a run (the files themselves: checkpoints.py)
 
 
 def unwrap_model(model):
@@ -422,10 +386,7 @@ class Logger:
                     continue
                 if step and row.get("step", 0) <= step:
                     kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
+        write_atomic(self.path, lambda f: f.writelines(kept))
 
     def log(self, step, metrics):
         """metrics: {name: float, int, None or 0-d tensor}. Tensors are read here (a GPU sync), so call this only
@@ -585,6 +546,24 @@ class StopSignals:
 
 # -----------------------------------------------------------------------------
 # the training loop, the same for every stage
+
+
+def compile_blocks(model, **compile_kwargs):
+    """torch.compile, in place, the code that does the tensor work: the frozen ViT, each attention regime of the
+    Q-Former (and P-Former) as one graph over all its layers (and its read_image), and the frozen LLM. The Python
+    around them stays eager: the tokenizers read the captions as strings, and a whole-model torch.compile would
+    specialise on their text and recompile for every batch. One graph per regime, not per layer: the layers differ
+    (cross-attention every other layer), and per-layer graphs times regimes times train/eval would pass
+    torch.compile's recompile limit (8) and fall back to eager. Parameter names do not change, so checkpoints are the same as without compile."""
+    for m in model.modules():
+        if isinstance(m, FrozenViT):
+            m.compile(**compile_kwargs)
+        elif isinstance(m, QFormer):
+            for name in ("read_image", "encode_queries", "encode_text", "encode_joint", "decode_text"):
+                setattr(m, name, torch.compile(getattr(m, name), **compile_kwargs))
+        elif isinstance(m, FrozenLLM):
+            m.model.compile(**compile_kwargs)
+    return model
 
 
 def prepare_model(model, cfg, dist_info):

@@ -44,7 +44,6 @@ hidden_size = 768
 num_layers = 12
 num_heads = 12
 intermediate_size = 3072
-vocab_size = 30523
 dropout = 0.1
 embed_dim = 256
 max_txt_len = 32

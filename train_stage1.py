@@ -11,11 +11,12 @@ import sys
 import torch
 
 import train_common as tc
+from checkpoints import pformer_from_checkpoint, read_checkpoint
 from configurator import apply_overrides, config_snapshot
 from data import image_text_loader
 from distributed import cleanup_distributed, setup_distributed
 from backbones import load_weights
-from model import Blip2Config, Blip2Stage1, PFormer, read_checkpoint
+from model import Blip2Config, Blip2Stage1
 from pretrained import init_from_bert, init_llm_proj_from_blip2
 
 # -----------------------------------------------------------------------------
@@ -71,7 +72,6 @@ hidden_size = 768
 num_layers = 12
 num_heads = 12
 intermediate_size = 3072
-vocab_size = 30523
 dropout = 0.1
 embed_dim = 256
 max_txt_len = 32
@@ -105,7 +105,7 @@ tc.seed_everything(seed)  # the same model on every rank
 
 pformer = None
 if pformer_ckpt:  # the frozen teacher of the alignment loss
-    pformer = PFormer.from_checkpoint(read_checkpoint(pformer_ckpt, expect_stage=0), pformer_ckpt)
+    pformer = pformer_from_checkpoint(read_checkpoint(pformer_ckpt, expect_stage=0), pformer_ckpt)
 model = Blip2Stage1(Blip2Config.pick(config), pformer=pformer)
 if init_from == "scratch" and stage1_ckpt:  # e.g. an image model's, for clips
     load_weights(model, read_checkpoint(stage1_ckpt, expect_stage=1)["model"], stage1_ckpt,

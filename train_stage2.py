@@ -6,13 +6,15 @@ One GPU or CPU:       python train_stage2.py config/stage2_tiny.py
 One node, 8 GPUs:     torchrun --standalone --nproc_per_node=8 train_stage2.py config/stage2_vitg_opt2.7b_4m.py
 Override anything:    python train_stage2.py config/stage2_tiny.py --stage1_ckpt=out/stage1/ckpt.pt
 """
+import os
 import sys
 
 import train_common as tc
+from checkpoints import pformer_from_checkpoint, read_checkpoint, take_model_sizes
 from configurator import apply_overrides, config_snapshot
 from data import image_text_loader
 from distributed import cleanup_distributed, setup_distributed
-from model import Blip2Config, Blip2Stage2, PFormer, read_checkpoint
+from model import Blip2Config, Blip2Stage2
 from pretrained import init_llm_proj_from_blip2
 
 # -----------------------------------------------------------------------------
@@ -43,30 +45,33 @@ augment = True  # BLIP-2's random crop + flip; False: the evaluation resize (sce
 cache_vit_features = False  # with augment=False: the frozen ViT runs once per image, its output kept in memory
 # clips (the P-Former paper shows the method on video): the annotation files or shards hold videos, the roots too
 video = False  # True: LAVIS video captions (MSRVTT / MSVD / VATEX / WebVid), or tar shards of key.mp4 + key.txt
-num_frames = 1  # frames per clip (feature segments with feature_dim); > 1 adds a learned frame embedding
-feature_dim = 0  # > 0: pre-extracted clip features (root/name.npy, S x feature_dim) read instead of videos
+num_frames = None  # frames per clip (feature segments with feature_dim); > 1 adds a learned frame embedding; may
+# differ from stage 1's (a clip model started from an image model)
+feature_dim = None  # > 0: pre-extracted clip features (root/name.npy, S x feature_dim) read instead of videos
 # P-Former alignment (P-Former paper, section 3): a stage-0 checkpoint of train_pformer.py; "" = plain BLIP-2
 pformer_ckpt = ""
 align_weight = 100.0  # the paper's weight in stage 2
 align_prefix = ""  # text before each caption for the P-Former's target (the video recipe: "a photo of ")
 pformer_dropout = False  # True: the teacher's dropout is on in training, as the official video runs leave it
 llm_proj_init = ""  # with stage1_ckpt='': llm_proj starts as this official BLIP-2's (HF format), not at random
-# model (the names of model.Blip2Config; the Q-Former sizes must match stage 1's)
-vit_model = "eva_giant_patch14_clip_224"
-vit_layers = 39
-vit_pretrained = "timm"
-vit_kwargs = {}
+# model (the names of model.Blip2Config). None: the model's of the checkpoint the run starts from (stage1_ckpt, or
+# out_dir/ckpt.pt when it resumes), or with stage1_ckpt='' Blip2Config's (ViT-g, a BERT-base Q-Former of 32 queries).
+# A size given that contradicts the checkpoint is an error (checkpoints.take_model_sizes).
+vit_model = None
+vit_layers = None
+vit_pretrained = None  # may differ from stage 1's: the same weights elsewhere on this machine
+vit_kwargs = None
 vit_dtype = "float16"
-image_size = 224
-bridge = "qformer"  # "bert" (clip features): the official video code's BERT encoder over the segments, built from bert
-bert = "bert-base-uncased"  # the BERT bridge's weights when stage1_ckpt is '' (as the official baseline), and its
-# frozen embedding block always
-num_query_tokens = 32
-cross_attention_freq = 2
-hidden_size = 768
-num_layers = 12
-num_heads = 12
-intermediate_size = 3072
+image_size = None
+bridge = None  # "bert" (clip features): the official video code's BERT encoder over the segments, built from bert
+bert = None  # the BERT bridge's weights when stage1_ckpt is '' (as the official baseline), and its frozen embedding
+# block always
+num_query_tokens = None
+cross_attention_freq = None
+hidden_size = None
+num_layers = None
+num_heads = None
+intermediate_size = None
 dropout = 0.1
 max_txt_len = 32
 llm_model = "facebook/opt-2.7b"  # any HF causal LM (OPT, Llama-family) or FlanT5, by name or directory
@@ -94,6 +99,7 @@ compile = False
 seed = 1337
 # -----------------------------------------------------------------------------
 apply_overrides(globals(), sys.argv[1:])
+take_model_sizes(globals(), stage1_ckpt if init_from != "resume" else os.path.join(out_dir, "ckpt.pt"))
 config = config_snapshot(globals())
 tc.check_config(config)
 # -----------------------------------------------------------------------------
@@ -103,7 +109,7 @@ tc.seed_everything(seed)  # the same model on every rank
 
 pformer = None
 if pformer_ckpt:  # the frozen teacher of the alignment loss
-    pformer = PFormer.from_checkpoint(read_checkpoint(pformer_ckpt, expect_stage=0), pformer_ckpt)
+    pformer = pformer_from_checkpoint(read_checkpoint(pformer_ckpt, expect_stage=0), pformer_ckpt)
 model = Blip2Stage2(Blip2Config.pick(config), pformer=pformer)
 if init_from == "scratch" and stage1_ckpt:
     model.load_stage1(read_checkpoint(stage1_ckpt, expect_stage=1)["model"], stage1_ckpt)

@@ -33,12 +33,13 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from metrics import VQA_PROMPT, write_json  # the LLM learns eval.py's zero-shot VQA prompt from text alone
+
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
           "purple": (150, 60, 190)}
 SHAPES = ["square", "circle", "triangle"]
 SIZES = ["big", "small"]
 COUNTS = ["one", "two", "three"]
-VQA_TEMPLATE = "Question: {} Short answer:"  # eval.py's zero-shot VQA prompt, which the LLM learns from text alone
 WORDS = ("a an the of is are there what how many color shape object objects shapes big small above below or "
          "picture photo question short answer one two three " + " ".join(COLORS) + " " + " ".join(SHAPES)).split()
 
@@ -86,7 +87,7 @@ def scene_questions(scene):
 
 
 def qa_sentence(question, answer):
-    return VQA_TEMPLATE.format(question) + " " + answer
+    return VQA_PROMPT.format(question) + " " + answer
 
 
 def caption_objects(caption):
@@ -438,9 +439,7 @@ def file_hashes(out, names=("bert/model.safetensors", "llm/model.safetensors", "
 
 
 def record_build(out, cfg, **facts):
-    with open(os.path.join(out, "world.json.tmp"), "w") as f:
-        json.dump({"config": cfg, "backbones": file_hashes(out), **facts}, f, indent=1)
-    os.replace(os.path.join(out, "world.json.tmp"), os.path.join(out, "world.json"))
+    write_json(os.path.join(out, "world.json"), {"config": cfg, "backbones": file_hashes(out), **facts}, indent=1)
 
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "quickstart_backbones")

@@ -10,7 +10,6 @@ hidden_size = 128
 num_layers = 4
 num_heads = 4
 intermediate_size = 256
-vocab_size = 118  # the world's BERT tokenizer (117 tokens) + [DEC]
 dropout = 0.0
 embed_dim = 64
 max_txt_len = 32

@@ -1,5 +1,6 @@
 # Stage 2 of the quick start (quickstart.py), after config/quickstart_stage1.py: the frozen LLM pretrained
-# on the world's text (captions, and questions answered in eval.py's VQA template) reads the soft prompt.
+# on the world's text (captions, and questions answered in eval.py's VQA template) reads the soft prompt. The image
+# encoder and Q-Former sizes are stage 1's, from its checkpoint.
 out_dir = "out/quickstart/stage2"
 stage1_ckpt = "out/quickstart/stage1/ckpt.pt"
 llm_model = "data/quickstart/llm"
@@ -10,17 +11,7 @@ val_ann = ["data/quickstart/test_captions.json"]
 val_image_roots = ["data/quickstart/images"]
 num_workers = 0
 augment = False  # the captions name rows top to bottom: a random crop could cut an object out
-vit_pretrained = "data/quickstart/vit.pth"
-vit_kwargs = dict(patch_size=8, embed_dim=96, depth=4, num_heads=4, mlp_ratio=2.0)
-vit_layers = 3  # the second-to-last block, as BLIP-2 reads EVA ViT-g
 vit_dtype = "float32"
-image_size = 48
-num_query_tokens = 16
-cross_attention_freq = 2
-hidden_size = 128
-num_layers = 4
-num_heads = 4
-intermediate_size = 256
 dropout = 0.0
 max_txt_len = 32
 batch_size = 32

@@ -19,7 +19,6 @@ hidden_size = 64
 num_layers = 2
 num_heads = 4
 intermediate_size = 128
-vocab_size = 118  # the world's BERT tokenizer (117 tokens) + [DEC]
 embed_dim = 32
 max_txt_len = 32
 # training

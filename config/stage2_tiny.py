@@ -1,4 +1,5 @@
-# Stage 2 on the tiny world of world.py, after config/stage1_tiny.py, on CPU in well under a minute.
+# Stage 2 on the tiny world of world.py, after config/stage1_tiny.py, on CPU in well under a minute. The image encoder
+# and Q-Former sizes are stage 1's, from its checkpoint.
 out_dir = "out/tiny/stage2"
 stage1_ckpt = "out/tiny/stage1/ckpt.pt"
 train_ann = ["data/world/train.json"]
@@ -6,16 +7,7 @@ train_image_roots = ["data/world/images"]
 val_ann = ["data/world/val.json"]
 val_image_roots = ["data/world/images"]
 num_workers = 0
-vit_pretrained = "data/world/vit.pth"
-vit_kwargs = dict(patch_size=8, embed_dim=64, depth=3, num_heads=4, mlp_ratio=2.0)
-vit_layers = 2
 vit_dtype = "float32"
-image_size = 32
-num_query_tokens = 8
-hidden_size = 64
-num_layers = 2
-num_heads = 4
-intermediate_size = 128
 max_txt_len = 32
 llm_model = "data/world/llm"  # a Hugging Face OPTForCausalLM directory, loaded like facebook/opt-2.7b
 llm_dtype = "float32"

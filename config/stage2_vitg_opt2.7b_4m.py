@@ -3,8 +3,6 @@
 # torchrun --standalone --nproc_per_node=8 train_stage2.py config/stage2_vitg_opt2.7b_4m.py
 out_dir = "out/stage2_vitg_opt2.7b_4m"
 stage1_ckpt = "out/stage1_vitg_4m/ckpt.pt"
-vit_model = "eva_giant_patch14_clip_224"
-vit_layers = 39
 vit_dtype = "float16"
 llm_model = "facebook/opt-2.7b"
 llm_dtype = "float16"

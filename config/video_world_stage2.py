@@ -10,6 +10,7 @@ video = True
 num_frames = 4
 augment = False
 cache_vit_features = True  # the frozen ViT runs once per clip: ten times faster on CPU
+# the image encoder and Q-Former sizes, for the run from scratch; from a checkpoint, checked against it
 vit_pretrained = "data/video/vit.pth"
 vit_kwargs = dict(patch_size=8, embed_dim=64, depth=3, num_heads=4, mlp_ratio=2.0)
 vit_layers = 2

@@ -59,9 +59,22 @@ def tiny_data_args(w, shards=False):
                     f"--vit_pretrained={w}/vit.pth"]
 
 
+def tiny_sizes():
+    """config/stage1_tiny.py's image encoder and Q-Former sizes as --key=value: what config/stage2_tiny.py needs
+    to run from scratch (--stage1_ckpt=), since it otherwise takes them from the stage-1 checkpoint."""
+    from checkpoints import MODEL_SIZES
+
+    ns = {}
+    with open(os.path.join(ROOT, "config", "stage1_tiny.py")) as f:
+        exec(f.read(), ns)
+    return [f"--{k}={ns[k]!r}" for k in MODEL_SIZES if k in ns]
+
+
 def train_tiny(stage, w, out_dir, *args, ok=True, timeout=120):
-    """train_stage{1,2}.py on config/stage{1,2}_tiny.py and the tiny world `w`, with `args` last (they win)."""
+    """train_stage{1,2}.py on config/stage{1,2}_tiny.py and the tiny world `w`, with `args` last (they win); a stage 2
+    from scratch (--stage1_ckpt=) gets stage 1's sizes (tiny_sizes)."""
     extra = [f"--bert={w}/bert"] if stage == 1 else [f"--llm_model={w}/llm"]
+    extra += tiny_sizes() if stage == 2 and "--stage1_ckpt=" in args else []
     return run_script(f"train_stage{stage}.py", f"config/stage{stage}_tiny.py", *tiny_data_args(w), *extra,
                       f"--out_dir={out_dir}", *args, ok=ok, timeout=timeout)
 

@@ -13,7 +13,7 @@ import torch
 
 import tiny
 import train_common as tc
-from model import read_checkpoint
+from checkpoints import read_checkpoint
 from pretrained import blip2_stage2_from_hf
 from scripts import ROOT, read_log, tiny_data_args, train_tiny
 from test_precision import autocast_generation_follows_float32

@@ -18,7 +18,8 @@ import metrics as M
 import tiny
 import train_common as tc
 from data import eval_transform
-from model import Blip2Config, Blip2Stage1, Blip2Stage2, read_checkpoint
+from checkpoints import CHECKPOINT_DEFAULTS, MODEL_SIZES, read_checkpoint, take_model_sizes
+from model import Blip2Config, Blip2Stage1, Blip2Stage2
 
 HAVE_JAVA = shutil.which("java") is not None
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,6 +61,8 @@ def world(tiny_world, tmp_path_factory):
     ckpts = {}
     for stage, cls in ((1, Blip2Stage1), (2, Blip2Stage2)):
         config = tiny_config(f"config/stage{stage}_tiny.py", root)
+        if stage == 2:  # as train_stage2.py saves it: with the sizes of the stage-1 checkpoint it starts from
+            config = take_model_sizes({**dict.fromkeys(MODEL_SIZES + CHECKPOINT_DEFAULTS), **config}, ckpts[1])
         torch.manual_seed(stage)
         model = cls(Blip2Config.pick(config))
         ckpts[stage] = os.path.join(ckpt_dir, f"stage{stage}", "ckpt.pt")
@@ -219,7 +222,7 @@ def test_a_full_disk_keeps_the_answers(world, tmp_path, monkeypatch):
         f.write("[{")
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(M.json, "dump", full_disk)
-    with pytest.raises(OSError, match=r"no space left on device writing .*vqav2_answers\.json$"):
+    with pytest.raises(OSError, match=r"no space left on device \(or quota\) writing .*vqav2_answers\.json: the file there"):
         E.run(vqav2_config(world, tmp_path, ckpt=world.ckpt2, num_beams=1, batch_size=3))
     assert os.listdir(tmp_path / "out") == ["vqav2_progress.rank0.jsonl"]
     with open(tmp_path / "out" / "vqav2_progress.rank0.jsonl") as f:
@@ -251,6 +254,9 @@ def test_missing_annotation_files_and_bad_models(world, tmp_path):
     assert E.load_model(ckpt=world.ckpt2, model_overrides={"prompt": "a photo of"}).llm.prompt == "a photo of"
     with pytest.raises(ValueError, match="model overrides: llm_modle not fields"):
         E.load_model(ckpt=world.ckpt2, model_overrides={"llm_modle": "x"})
+    with pytest.raises(ValueError, match=f"^model override num_query_tokens = 4 contradicts {world.ckpt2}, whose model "
+                                         f"has num_query_tokens = 8$"):
+        E.load_model(ckpt=world.ckpt2, model_overrides={"num_query_tokens": 4})
     with pytest.raises(ValueError, match="cannot load BLIP-2 config"):
         E.load_model(hf=str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["OPTForCausalLM"], "model_type": "opt"}))

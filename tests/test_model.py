@@ -3,14 +3,15 @@ gradients and bad input."""
 
 import pytest
 import torch
-from transformers import BertForMaskedLM
+from transformers import BertForMaskedLM, BertTokenizerFast
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 import bench
 import tiny
 from tiny import close
 from backbones import FrozenLLM, FrozenT5LLM, FrozenViT, split_captions, wrap_llm
-from model import Blip2Stage1, compile_blocks, sample_negatives
+from model import Blip2Stage1, PFormer, sample_negatives
+from train_common import compile_blocks
 from pretrained import blip2_stage1_from_hf, blip2_stage2_from_hf, init_from_bert
 
 CAPTIONS = ["a red square", "two blue stars", "the big circle", "a small green triangle"]
@@ -135,6 +136,19 @@ def test_bert_init_reproduces_bert(bert):
     assert torch.equal(layer.ffn_query.fc1.weight, layer.ffn_text.fc1.weight)
     assert torch.equal(layer.ffn_text.fc1.weight, ref.bert.encoder.layer[0].intermediate.dense.weight)
     assert ours.tokenizer.convert_tokens_to_ids("[DEC]") == ours.dec_token_id == V
+
+
+def test_the_qformer_vocabulary_is_its_tokenizers_with_dec(bert):
+    """vocab_size is not typed anywhere: BERT's tokens + [DEC], for the Q-Former and for the P-Former; a vocab_size
+    given smaller than that is an error naming both."""
+    tokens = len(BertTokenizerFast.from_pretrained(bert)) + 1
+    stage1 = Blip2Stage1(tiny.our_config(bert))
+    assert stage1.config.vocab_size == tokens == stage1.qformer.word_embeddings.num_embeddings
+    assert stage1.itg_head.bias.shape == (tokens,)
+    assert PFormer(tiny.our_config(bert), llm_dim=16).encoder.word_embeddings.num_embeddings == tokens
+    assert Blip2Stage1(tiny.our_config(bert, vocab_size=tokens + 3)).config.vocab_size == tokens + 3
+    with pytest.raises(ValueError, match=f"has {tokens} tokens \\(with \\[DEC\\]\\) but vocab_size={tokens - 1}"):
+        Blip2Stage1(tiny.our_config(bert, vocab_size=tokens - 1))
 
 
 def test_bert_init_from_an_in_memory_bert_model(bert):

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import tiny
 from backbones import FrozenLLM
-from model import Blip2Stage1, PFormer, PFormerStage0, mask_tokens, nearest_embeddings, read_checkpoint
+from checkpoints import pformer_from_checkpoint, read_checkpoint
+from model import Blip2Stage1, PFormer, PFormerStage0, mask_tokens, nearest_embeddings
 from scripts import run_script
 from train_common import save_checkpoint
 
@@ -99,7 +100,7 @@ def test_alignment_loss_and_its_gradient(tiny_world, tmp_path):
     llm = FrozenLLM.from_pretrained(f"{tiny_world}/llm")
     stage0 = PFormerStage0(stage0_config(tiny_world), llm=llm)
     save_pformer(stage0, str(tmp_path / "pformer.pt"))
-    pformer = PFormer.from_checkpoint(read_checkpoint(str(tmp_path / "pformer.pt"), expect_stage=0), "pformer.pt")
+    pformer = pformer_from_checkpoint(read_checkpoint(str(tmp_path / "pformer.pt"), expect_stage=0), "pformer.pt")
     for a, b in zip(pformer.parameters(), stage0.pformer.parameters()):
         assert torch.equal(a, b)
     model = Blip2Stage1(stage0_config(tiny_world, vit_pretrained=f"{tiny_world}/vit.pth", align_weight=10.0),
@@ -126,18 +127,18 @@ def test_pformer_checkpoint_that_does_not_match_fails(tiny_world, tmp_path):
     renamed = dict(state, model={k.replace("cls_proj", "clsproj"): v for k, v in state["model"].items()})
     with pytest.raises(ValueError, match=r"renamed.pt does not fit this model: missing \(2\): cls_proj\.bias, "
                                          r"cls_proj\.weight; unexpected \(2\): clsproj"):
-        PFormer.from_checkpoint(renamed, "renamed.pt")
+        pformer_from_checkpoint(renamed, "renamed.pt")
     extra = dict(state, model={**state["model"], "pformer.extra_head.weight": torch.zeros(2)})
     with pytest.raises(ValueError, match=r"extra.pt does not fit this model: unexpected \(1\): extra_head\.weight"):
-        PFormer.from_checkpoint(extra, "extra.pt")
+        pformer_from_checkpoint(extra, "extra.pt")
     dropped = dict(state, model={k: v for k, v in state["model"].items() if "layers.1." not in k})
     with pytest.raises(ValueError, match=r"renamed.pt does not fit this model: missing \(\d+\): encoder\.layers\.1\."):
-        PFormer.from_checkpoint(dropped, "renamed.pt")
+        pformer_from_checkpoint(dropped, "renamed.pt")
     with pytest.raises(ValueError, match="not a P-Former checkpoint"):
-        PFormer.from_checkpoint(dict(state, model={"qformer.query_tokens": torch.zeros(1)}), "stage1.pt")
+        pformer_from_checkpoint(dict(state, model={"qformer.query_tokens": torch.zeros(1)}), "stage1.pt")
     with pytest.raises(ValueError, match="predicts 8 prompt vectors, the Q-Former has 4 queries"):
         Blip2Stage1(stage0_config(tiny_world, vit_pretrained=f"{tiny_world}/vit.pth", num_query_tokens=4),
-                    pformer=PFormer.from_checkpoint(state, "ok.pt"))
+                    pformer=pformer_from_checkpoint(state, "ok.pt"))
 
 
 @pytest.mark.slow

@@ -15,10 +15,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import tiny
 import train_common as tc
+from checkpoints import read_checkpoint
 from host_sync import HostSyncProbe, mark_host
-from model import Blip2Stage1, compile_blocks, read_checkpoint
+from model import Blip2Stage1
+from train_common import compile_blocks
 from pretrained import blip2_stage2_from_hf, init_from_bert
-from scripts import read_log, run_script, tiny_data_args
+from scripts import read_log, run_script, tiny_data_args, tiny_sizes
 
 # ---------------------------------------------------------------- DDP with gradient accumulation
 
@@ -46,7 +48,7 @@ def test_ddp_with_gradient_accumulation_equals_one_process(tiny_world, tmp_path)
     ann = tmp_path / "equal_lengths.json"
     ann.write_text(json.dumps(one_object))
     common = ["config/stage2_tiny.py", *tiny_data_args(tiny_world), f"--llm_model={tiny_world}/llm",
-              f"--train_ann=['{ann}']", "--val_ann=[]", "--stage1_ckpt=", "--dropout=0.0", "--max_steps=2",
+              f"--train_ann=['{ann}']", "--val_ann=[]", "--stage1_ckpt=", *tiny_sizes(), "--dropout=0.0", "--max_steps=2",
               "--log_interval=1", "--grad_accum=2", "--augment=True"]
     run_script("train_stage2.py", *common, "--batch_size=4", f"--out_dir={tmp_path / 'one'}")
     mp.spawn(_train_rank, args=(free_port(), [*common, "--batch_size=2", f"--out_dir={tmp_path / 'two'}"]),
@@ -264,7 +266,7 @@ def test_no_host_sync_inside_a_training_step(tiny_world, tmp_path, monkeypatch, 
         run_script("train_pformer.py", "config/pformer_tiny.py", f"--train_text=['{w}/train.json']",
                    "--val_text=[]", f"--bert={w}/bert", f"--llm_model={w}/llm", *common)
     else:
-        extra = [f"--bert={w}/bert"] if stage == 1 else [f"--llm_model={w}/llm", "--stage1_ckpt="]
+        extra = [f"--bert={w}/bert"] if stage == 1 else [f"--llm_model={w}/llm", "--stage1_ckpt=", *tiny_sizes()]
         run_script(f"train_stage{stage}.py", f"config/stage{stage}_tiny.py", *tiny_data_args(w), "--val_ann=[]",
                    *extra, *common)
     assert len(read_log(tmp_path)) == 2

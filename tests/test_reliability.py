@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from backbones import FrozenLLM, read_state_dict
-from model import read_checkpoint
+from checkpoints import read_checkpoint
 from scripts import ROOT, read_log, run_script, tiny_data_args, train_tiny
 from train_common import save_checkpoint
 
@@ -519,7 +519,7 @@ def test_a_full_disk_says_so_and_keeps_the_last_checkpoint(tmp_path, monkeypatch
             self.f.close()
 
     monkeypatch.setattr(os, "fdopen", Full)
-    with pytest.raises(OSError, match=r"no space left on device \(or quota\) writing .*ckpt.pt: the checkpoint "
+    with pytest.raises(OSError, match=r"no space left on device \(or quota\) writing .*ckpt.pt: the file "
                                       r"there, if any, is the previous one"):
         save_checkpoint(path, {"stage": 1, "model": {"w": torch.ones(10000)}})
     monkeypatch.undo()

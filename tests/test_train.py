@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from scripts import read_log, run_script, tiny_data_args, train_tiny
+from checkpoints import MODEL_SIZES
+from scripts import read_log, run_script, tiny_data_args, tiny_sizes, train_tiny
 
 
 def run(stage, w, out_dir, *args, ok=True):
@@ -43,6 +44,29 @@ def test_stage1_then_stage2_learn(tiny_world, tmp_path):
     # stage 2 started from stage 1: a query-path weight that stage 1 trained is carried over, not re-drawn
     start = torch.load(os.path.join(s1, "ckpt.pt"), weights_only=True)["model"]["qformer.query_tokens"]
     assert (sd["qformer.query_tokens"] - start).abs().max() < 0.1
+
+
+def test_stage2_takes_its_sizes_from_the_stage1_checkpoint(tiny_world, tmp_path):
+    """config/stage2_tiny.py names no size: the run builds the model that the same run with stage 1's sizes typed
+    out builds (same weights, same loss); a size that contradicts the checkpoint stops it, naming both values."""
+    s1 = str(tmp_path / "s1")
+    run(1, tiny_world, s1, "--max_steps=1", "--eval_interval=100")
+    common = [f"--stage1_ckpt={s1}/ckpt.pt", "--max_steps=1", "--log_interval=1", "--eval_interval=100"]
+    run(2, tiny_world, str(tmp_path / "taken"), *common)
+    run(2, tiny_world, str(tmp_path / "typed"), *common, *tiny_sizes())
+    taken, typed = (torch.load(os.path.join(tmp_path, d, "ckpt.pt"), weights_only=True) for d in ("taken", "typed"))
+    assert {k: taken["config"][k] for k in MODEL_SIZES} == {k: typed["config"][k] for k in MODEL_SIZES}
+    assert taken["config"]["hidden_size"] == 64 and taken["config"]["vit_kwargs"]["embed_dim"] == 64
+    assert taken["model"].keys() == typed["model"].keys()
+    for k in taken["model"]:
+        assert torch.equal(taken["model"][k], typed["model"][k]), k
+    assert log(tmp_path / "taken")[0]["loss"] == log(tmp_path / "typed")[0]["loss"]
+    p = run(2, tiny_world, str(tmp_path / "wrong"), *common, "--num_query_tokens=4", ok=False)
+    assert p.stderr.strip().splitlines()[-1].endswith(
+        f"config key 'num_query_tokens' = 4 contradicts {s1}/ckpt.pt, whose model has num_query_tokens = 8: leave "
+        f"num_query_tokens out to take it from there")
+    p = run(2, tiny_world, str(tmp_path / "typo"), *common, "--hidden_size=64.0", ok=False)
+    assert "'hidden_size' expects int, got 64.0" in p.stderr.strip().splitlines()[-1]
 
 
 def test_tar_shards(tiny_world, tmp_path):

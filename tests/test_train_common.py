@@ -13,8 +13,9 @@ import torch.nn as nn
 import distributed
 import train_common as tc
 from backbones import load_weights
+from checkpoints import read_checkpoint
 from configurator import apply_overrides, config_snapshot
-from model import read_checkpoint
+from metrics import write_atomic, write_json
 
 # -----------------------------------------------------------------------------
 # configurator
@@ -165,6 +166,20 @@ def test_checkpoint_crash_midway_keeps_old_file(tmp_path, monkeypatch):
         tc.save_checkpoint(str(path), {'stage': 1, 'step': 2})
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ['ckpt.pt']
+
+
+def test_an_atomic_write_that_fails_midway_keeps_the_old_file(tmp_path):
+    """json.dump and torch.save write part of the file before they meet what they cannot serialise."""
+    path = str(tmp_path / 'result.json')
+    write_json(path, {'accuracy': 1})
+    with pytest.raises(TypeError, match='object'):
+        write_json(path, {'accuracy': 2, 'bad': object()})
+    assert json.load(open(path)) == {'accuracy': 1}
+    with pytest.raises(Exception, match='lambda'):
+        write_atomic(path, lambda f: torch.save({'w': torch.ones(1000), 'bad': lambda: 0}, f), binary=True)
+    assert json.load(open(path)) == {'accuracy': 1} and os.listdir(tmp_path) == ['result.json']
+    write_atomic(path, lambda f: f.write('text\n'))
+    assert open(path).read() == 'text\n' and os.listdir(tmp_path) == ['result.json']
 
 
 def test_checkpoint_errors(tmp_path):

@@ -275,12 +275,14 @@ def test_clips_in_tar_shards(tmp_path):
 
 
 def stage2_checkpoint(world, path, **changes):
-    """An untrained stage-2 checkpoint of config/stage2_tiny.py on the tiny world, with config changes."""
+    """An untrained stage-2 checkpoint of config/stage2_tiny.py (with stage 1's sizes) on the tiny world, with
+    config changes."""
     import train_common as tc
     from model import Blip2Config
 
     ns = {}
-    exec(open("config/stage2_tiny.py").read(), ns)
+    for name in ("stage1_tiny.py", "stage2_tiny.py"):
+        exec(open(f"config/{name}").read(), ns)
     config = {k: (v.replace("data/world", world) if isinstance(v, str) else v) for k, v in ns.items()
               if not k.startswith("_")}
     config.update(changes)

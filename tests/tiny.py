@@ -5,7 +5,7 @@ format when a directory is needed, and loaded through the same code paths as the
 
 import torch
 from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval,
-                          Blip2QFormerConfig, Blip2VisionConfig, BertConfig, BertForMaskedLM, BertTokenizerFast,
+                          Blip2QFormerConfig, Blip2VisionConfig, BertConfig, BertForMaskedLM,
                           LlamaConfig, OPTConfig, T5Config)
 
 from model import Blip2Config as OurConfig
@@ -112,7 +112,6 @@ def our_config(bert, **overrides):
     """A tiny Blip2Config: EVA-style timm ViT (3 blocks, 2 kept), BERT-shaped Q-Former of hidden 64."""
     c = dict(vit_model="eva_giant_patch14_clip_224", vit_layers=2, vit_pretrained="", vit_kwargs=tiny_vit_kwargs(),
              image_size=IMAGE, bert=bert, num_query_tokens=8, cross_attention_freq=2, hidden_size=HIDDEN, num_layers=2,
-             num_heads=4, intermediate_size=128, vocab_size=len(BertTokenizerFast.from_pretrained(bert)) + 1,
-             max_position_embeddings=64, dropout=0.0, embed_dim=32, max_txt_len=16)
+             num_heads=4, intermediate_size=128, max_position_embeddings=64, dropout=0.0, embed_dim=32, max_txt_len=16)
     c.update(overrides)
     return OurConfig(**c)
