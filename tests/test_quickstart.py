@@ -5,6 +5,8 @@ start gives them: a new interpreter for each would cost more than the steps them
 
 import json
 
+import pytest
+
 import quickstart
 
 
@@ -13,6 +15,7 @@ def losses(path):
         return [r["loss"] for r in map(json.loads, f) if "loss" in r]
 
 
+@pytest.mark.slow
 def test_quickstart_small(tmp_path, quickstart_in_process, capsys):
     quickstart.main("small", data=str(tmp_path / "data"), out=str(tmp_path / "out"))
     out = capsys.readouterr().out
