@@ -11,8 +11,8 @@ Two worlds (the video world of studies/video_world.py builds on this file too):
                                      # backbones are nearly random: every code path runs, nothing is learned well
     python world.py --quickstart     # the quick start's world in data/quickstart (its LLM and ViT ship in
                                      # assets/quickstart_backbones; with --pretrain=1 they are pretrained here)
-    options: each keyword of build_tiny_world or build_quickstart_world as --key=value (--out=DIR, --seed=1,
-             --n_train=200 ...), and --ship=DIR (--quickstart: the pretrained LLM and ViT are copied to DIR)
+    options, --key=value: --out=DIR and the settings (build_tiny_world's keywords; with --quickstart, those of
+             QUICKSTART_WORLD, --pretrain=1, and --ship=DIR: the pretrained LLM and ViT are copied to DIR)
 
 The quick start's world is the one that learns: 2000 image-caption pairs, 100 held-out test scenes with questions,
 and a text-only corpus of 20000 more scenes (language plentiful, pairs scarce, as in the P-Former paper). Its LLM is
