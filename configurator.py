@@ -63,3 +63,18 @@ def apply_overrides(config, argv):
 def config_snapshot(config):
     """The config values of config (a script's globals()) as a plain dict, for logs and checkpoints."""
     return {k: config[k] for k in _config_keys(config)}
+
+
+def override_args(settings):
+    """The --key=value arguments that apply_overrides reads back as `settings` (a dict of plain values): how one
+    script passes settings to another on its command line."""
+    args = []
+    for key, value in settings.items():
+        text = repr(value)
+        if isinstance(value, str):
+            try:
+                ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                text = value  # reads back as itself, as a path typed by hand does
+        args.append(f"--{key}={text}")
+    return args

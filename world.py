@@ -6,12 +6,13 @@ reads (LAVIS annotation files, a webdataset tar shard, text corpora), and tiny b
 formats (a Hugging Face BERT directory, a Hugging Face OPT directory, a timm state dict), so that the small runs go
 through the very loading code of bert-base-uncased, OPT-2.7b and EVA ViT-g.
 
-Three worlds:
-    python world.py                  # the tiny world in data/world, for the tests and config/*_tiny.py (seconds);
-                                     # its backbones are nearly random: every code path runs, nothing is learned well
-    python world.py --quickstart     # the quick start's world in data/quickstart (seconds: its LLM and ViT ship in
+Two worlds (the video world of studies/video_world.py builds on this file too):
+    python world.py                  # the tiny world in data/world, for the tests and config/*_tiny.py; its
+                                     # backbones are nearly random: every code path runs, nothing is learned well
+    python world.py --quickstart     # the quick start's world in data/quickstart (its LLM and ViT ship in
                                      # assets/quickstart_backbones; with --pretrain=1 they are pretrained here)
-    python world.py --video          # the video world in data/video: clips of a moving shape (a minute)
+    options, --key=value: --out=DIR and the settings (build_tiny_world's keywords; with --quickstart, those of
+             QUICKSTART_WORLD, --pretrain=1, and --ship=DIR: the pretrained LLM and ViT are copied to DIR)
 
 The quick start's world is the one that learns: 2000 image-caption pairs, 100 held-out test scenes with questions,
 and a text-only corpus of 20000 more scenes (language plentiful, pairs scarce, as in the P-Former paper). Its LLM is
@@ -28,6 +29,7 @@ import shutil
 import sys
 import tarfile
 import time
+from collections import Counter
 
 import torch
 from PIL import Image, ImageDraw
@@ -194,6 +196,21 @@ def write_corpus(out, scenes):
     with open(os.path.join(out, "corpus_qa.txt"), "w") as f:
         f.writelines(qa_sentence(q, a) + "\n" for s in scenes for q, a, _ in scene_questions(s))
 
+
+def write_video(path_or_file, frames, fps=8):
+    """An H.264 mp4 of PIL frames, written with PyAV (its wheel carries FFmpeg): a clip as data.py decodes it."""
+    import av
+    import numpy as np
+
+    with av.open(path_or_file, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames[0].width, frames[0].height, "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.asarray(frame), format="rgb24")))
+        container.mux(stream.encode())  # flush
+
+
+
 # -----------------------------------------------------------------------------
 # tokenizers, in their libraries' formats
 
@@ -316,8 +333,7 @@ def scene_example(rng, size):
 def pretrain_vit(vit, image_size, steps, example=scene_example, batch_size=64, lr=2e-3, seed=0):
     """Supervised pretraining of the ViT on freshly rendered images, as EVA was pretrained before BLIP-2 froze it: from
     the mean of its output tokens, name what `example` says is in the image (a cross-entropy per target). Every batch
-    is new images, so no augmentation: a random crop would move what the labels name (the quick start's scenes: 400
-    steps reach about 94% per attribute, 800 about 100%)."""
+    is new images, so no augmentation: a random crop would move what the labels name."""
     from data import eval_transform
 
     rng = random.Random(seed + 1)
@@ -401,8 +417,8 @@ def build_tiny_world(out="data/world", n_train=96, n_val=16, image_size=64, llm_
     return out
 
 
-# the LLM: width 64 and 4 layers learn to read a colour back from a caption after about 4000 steps of 32 pages of
-# six questions at lr 1e-3 (at lr 3e-3 it diverged; with two questions a page, it learned far slower)
+# the LLM: width 64 and 4 layers, pages of six questions at lr 1e-3 (a larger lr diverged; with two questions a page,
+# reading a colour back from a caption was learnt far later)
 QUICKSTART_WORLD = dict(n_train=2000, n_test=100, n_text=20000, image_size=48, vit_width=96, vit_depth=4,
                         vit_steps=800, llm_width=64, llm_layers=4, llm_steps=8000, llm_batch=32, llm_lr=1e-3,
                         llm_questions=6, seed=0)
@@ -429,7 +445,7 @@ def built_already(out, cfg, name):
 
 
 def file_hashes(out, names=("bert/model.safetensors", "llm/model.safetensors", "llm/tokenizer.json", "vit.pth")):
-    """sha256 of each backbone file: a world's identity (quickstart.py redoes what depends on a world whose
+    """sha256 of each backbone file: a world's identity (runs.py redoes what depends on a world whose
     backbones changed), and the check that building the same world twice gives the same backbones."""
     out_hashes = {}
     for name in names:
@@ -460,7 +476,7 @@ def shipped_backbones(cfg, directory=SHIPPED):
 def build_quickstart_world(out="data/quickstart", pretrain=False, shipped=SHIPPED, **overrides):
     """The quick start's world under `out`, built once: a second call with the same settings returns at once. The
     scenes and the corpus are made on the spot; the LLM and the ViT are the shipped ones when they were pretrained
-    with these settings (unless `pretrain`), else pretrained here (about 40 minutes on 2 cores)."""
+    with these settings (unless `pretrain`), else pretrained here (the longest step of the quick start by far)."""
     cfg = {**QUICKSTART_WORLD, **overrides}
     if built_already(out, cfg, "world"):
         return cfg
@@ -508,148 +524,104 @@ def save_shipped_backbones(out, cfg, directory=SHIPPED):
     print(f"wrote the pretrained LLM and ViT to {directory}")
 
 
+
+
+def quickstart_args(script, data):
+    """--key=value arguments that point a stage's config/quickstart_*.py at the quick-start world in `data` (one built
+    with another --out or --seed): each data and backbone path of the config, listed once. script: train_pformer.py,
+    train_stage1.py or train_stage2.py."""
+    from configurator import override_args
+
+    held_out = dict(val_ann=[f"{data}/test_captions.json"], val_image_roots=[f"{data}/images"])
+    pairs = dict(train_ann=[f"{data}/train.json"], train_image_roots=[f"{data}/images"], **held_out,
+                 vit_pretrained=f"{data}/vit.pth")
+    paths = {"train_pformer.py": dict(train_text=[f"{data}/corpus_captions.txt"],
+                                      val_text=[f"{data}/test_captions.json"], bert=f"{data}/bert",
+                                      llm_model=f"{data}/llm"),
+             "train_stage1.py": dict(pairs, bert=f"{data}/bert"),
+             "train_stage2.py": dict(pairs, llm_model=f"{data}/llm")}
+    if script not in paths:
+        raise ValueError(f"quickstart_args: no quick-start config for {script!r} (one of {', '.join(paths)})")
+    return override_args(paths[script])
+
 # -----------------------------------------------------------------------------
-# the video world: clips whose caption needs more than one frame
-
-DIRECTIONS = {"left": (-1, 0), "right": (1, 0)}
-VIDEO_WORDS = WORDS + "moves moving left right up down which way does that there".split()
+# what a world's held-out scenes let us score: answers and captions chosen blind, the LLM reading the true caption,
+# and the attributes a generated caption names right
 
 
-def random_clip(rng):
-    """One object that moves (colour, shape, size, direction) from a start drawn alike for every direction, so that
-    the first frame (the one a single-frame model sees) tells nothing of the direction, and half the time a still
-    object of another colour in a corner."""
-    color, still = rng.sample(list(COLORS), 2)
-    mover = dict(color=color, shape=rng.choice(SHAPES), size=rng.choice(SIZES), direction=rng.choice(list(DIRECTIONS)),
-                 x0=rng.uniform(0.3, 0.7), y0=rng.uniform(0.3, 0.7))
-    others = [dict(color=still, shape=rng.choice(SHAPES), size="small", x=rng.choice([0.15, 0.85]),
-                   y=rng.choice([0.15, 0.85]))] if rng.random() < 0.5 else []
-    return dict(mover=mover, still=others)
+def blind_baselines(data, questions, items):
+    """Answers and a caption chosen without looking at the image: the most frequent answer, the most frequent
+    answer to each question in the text corpus ({data}/corpus_qa.txt), and the most common training caption
+    ({data}/train.json; its CIDEr). questions and items: metrics.py's VQA and caption lists of the held-out set."""
+    import metrics as M
+
+    with open(f"{data}/corpus_qa.txt") as f:  # the answers of the text corpus (no image-question pairs exist)
+        corpus_qa = [line.rstrip("\n").split(VQA_PROMPT.split("{}")[1] + " ") for line in f]
+    top_answer = Counter(a for _, a in corpus_qa).most_common(1)[0][0]
+    by_question = {}
+    for q, a in corpus_qa:
+        by_question.setdefault(q, Counter())[a] += 1
+    prior = {q: c.most_common(1)[0][0] for q, c in by_question.items()}
+    with open(f"{data}/train.json") as f:
+        top_caption = Counter(c for a in json.load(f) for c in a["caption"]).most_common(1)[0][0]
+    references = {it["image_id"]: it["captions"] for it in items}
+    return {"top answer": M.generic_vqa_scores({q["question_id"]: top_answer for q in questions}, questions),
+            "answer per question": M.generic_vqa_scores(
+                {q["question_id"]: prior.get("Question: " + q["question"], top_answer) for q in questions}, questions),
+            "top caption CIDEr": M.caption_metrics({i: top_caption for i in references}, references,
+                                                   ["CIDEr"]).get("CIDEr")}
 
 
-def clip_captions(clip):
-    m = clip["mover"]
-    return [f"a {m['size']} {m['color']} {m['shape']} moves {m['direction']}",
-            f"there is a {m['size']} {m['color']} {m['shape']} moving {m['direction']}"]
+def true_caption_vqa(data, questions):
+    """The world's frozen LLM answering each held-out question after the scene's true caption as text, in place of
+    the soft prompt (the document "</s> caption \\n" before the question's own BOS, as in its pretraining pages), with
+    eval.py's generation and scoring: what a perfect description of the image gets from this LLM."""
+    import metrics as M
+    from backbones import FrozenLLM
+
+    llm = FrozenLLM.from_pretrained(f"{data}/llm")
+    with open(f"{data}/test_captions.json") as f:
+        scenes = {it["image"]: it["scene"] for it in json.load(f)}
+    answers = {}
+    for i in range(0, len(questions), 50):
+        chunk = questions[i:i + 50]
+        t = llm.tokenize([scene_caption(scenes[q["image"]]) + "\n" for q in chunk], padding_side="left")
+        out = llm.generate_tokens(llm.embed(t.input_ids), prompt_mask=t.attention_mask,
+                                  prompt=[VQA_PROMPT.format(q["question"]) for q in chunk],
+                                  num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=0.0)
+        answers.update(zip([q["question_id"] for q in chunk], llm.decode(out)))
+    return M.generic_vqa_scores(answers, questions)
 
 
-def clip_questions(clip):
-    """(question, answer, type): the direction needs two frames or more; colour, shape and count need one."""
-    m = clip["mover"]
-    return [(f"which way does the {m['color']} {m['shape']} move?", m["direction"], "direction"),
-            ("what color is the shape that moves?", m["color"], "color"),
-            (f"what shape moves {m['direction']}?", m["shape"], "shape"),
-            ("how many shapes are there?", COUNTS[len(clip["still"])], "count")]
-
-
-def render_clip(clip, n_frames, size, positions=False):
-    """The clip's frames: the mover goes 0.4 of the frame along its direction, the still object stays. With
-    `positions`, each frame comes as {"image", "mover": the mover where it is drawn}."""
-    m, (dx, dy) = clip["mover"], DIRECTIONS[clip["mover"]["direction"]]
-    frames = []
-    for t in range(n_frames):
-        f = 0.4 * t / (n_frames - 1)  # 0 .. 0.4 along the path
-        mover = dict(m, x=m["x0"] + f * dx, y=m["y0"] + f * dy)
-        image = render_scene(clip["still"] + [mover], size)
-        frames.append({"image": image, "mover": mover} if positions else image)
-    return frames
-
-
-def frame_example(rng, size):
-    """A single frame of a random clip and what the ViT learns to name in it: the mover's colour, shape and size, and
-    which third of the frame it is in, across and down. One frame only: the ViT never sees motion."""
-    clip = random_clip(rng)
-    frame = rng.choice(render_clip(clip, 8, size, positions=True))
-    m = frame["mover"]
-    third = lambda v: min(2, int(v * 3))  # noqa: E731
-    return frame["image"], [list(COLORS).index(m["color"]), SHAPES.index(m["shape"]), SIZES.index(m["size"]),
-                            third(m["x"]), third(m["y"])], [len(COLORS), len(SHAPES), len(SIZES), 3, 3]
-
-
-def write_video(path_or_file, frames, fps=8):
-    """An H.264 mp4 of PIL frames, written with PyAV (its wheel carries FFmpeg)."""
-    import av
-    import numpy as np
-
-    with av.open(path_or_file, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames[0].width, frames[0].height, "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.asarray(frame), format="rgb24")))
-        container.mux(stream.encode())  # flush
-
-
-def write_clips(out, n_train, n_test, n_text, n_frames=8, size=32, seed=0):
-    """Clips under out/videos with train.json (LAVIS video captions), test_captions.json, test_qa.json (MSRVTT-QA's
-    format: {video, question, answer, question_id}), the training pairs as a tar shard (key.mp4 + key.txt), and a
-    text corpus of n_text more clips (corpus_captions.txt, corpus_qa.txt). Returns the text-only clips."""
-    rng = random.Random(seed)
-    os.makedirs(os.path.join(out, "videos"), exist_ok=True)
-    splits, qa = {"train": [], "test": []}, []
-    for i in tqdm(range(n_train + n_test), desc="clips", mininterval=5, file=sys.stdout):
-        split, clip = "train" if i < n_train else "test", random_clip(rng)
-        name = f"{split}_{i:05d}.mp4"
-        write_video(os.path.join(out, "videos", name), render_clip(clip, n_frames, size))
-        splits[split].append({"video": name, "caption": clip_captions(clip), "clip": clip})
-        if split == "test":
-            qa += [{"video": name, "question": q, "answer": a, "answer_type": t, "question_id": len(qa) + k}
-                   for k, (q, a, t) in enumerate(clip_questions(clip))]
-    for name, obj in (("train.json", splits["train"]), ("test_captions.json", splits["test"]), ("test_qa.json", qa)):
-        with open(os.path.join(out, name), "w") as f:
-            json.dump(obj, f)
-    os.makedirs(os.path.join(out, "shards"), exist_ok=True)
-    with tarfile.open(os.path.join(out, "shards", "train-000.tar"), "w") as tar:
-        for a in splits["train"]:
-            key = os.path.splitext(a["video"])[0]
-            tar.add(os.path.join(out, "videos", a["video"]), arcname=a["video"])
-            info, data = tarfile.TarInfo(key + ".txt"), a["caption"][0].encode()
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    text = [random_clip(rng) for _ in range(n_text)]
-    with open(os.path.join(out, "corpus_captions.txt"), "w") as f:
-        f.writelines(c + "\n" for clip in text for c in clip_captions(clip))
-    with open(os.path.join(out, "corpus_qa.txt"), "w") as f:
-        f.writelines(qa_sentence(q, a) + "\n" for clip in text for q, a, _ in clip_questions(clip))
-    return text
-
-
-VIDEO_WORLD = dict(n_train=3000, n_test=100, n_text=3000, n_frames=8, image_size=48, llm_width=64, llm_layers=2,
-                   llm_steps=1500, vit_steps=300, seed=0)
-
-
-def build_video_world(out="data/video", **overrides):
-    """The video world under `out`, built once: clips, a BERT and an OPT that read its text (pages: a clip's
-    caption, then questions about it), and a ViT (TINY_VIT's shape) pretrained on single frames to name the moving
-    object and where it is: what a frozen image encoder knows, and nothing about motion."""
-    cfg = {**VIDEO_WORLD, **overrides}
-    if built_already(out, cfg, "video world"):
-        return cfg
-    t0 = time.time()
-    text = write_clips(out, cfg["n_train"], cfg["n_test"], cfg["n_text"], cfg["n_frames"], cfg["image_size"],
-                       cfg["seed"])
-    pages = llm_pages(text, random.Random(cfg["seed"]), captions_of=clip_captions, questions_of=clip_questions)
-    with open(os.path.join(out, "corpus_captions.txt")) as f, open(os.path.join(out, "corpus_qa.txt")) as g:
-        corpus = f.read().splitlines() + g.read().splitlines()
-    llm_loss, vit_loss = write_backbones(
-        out, corpus, pages, bert_width=64, bert_layers=2, llm_width=cfg["llm_width"], llm_layers=cfg["llm_layers"],
-        llm_steps=cfg["llm_steps"], vit_kwargs=TINY_VIT, image_size=cfg["image_size"], vit_steps=cfg["vit_steps"],
-        seed=cfg["seed"], words=VIDEO_WORDS, example=frame_example)
-    seconds = time.time() - t0
-    print(f"video world: {cfg['n_train']} training and {cfg['n_test']} test clips, LLM {llm_loss:.3f}, ViT "
-          f"{vit_loss:.3f}, {seconds:.0f}s")
-    record_build(out, cfg, seconds=seconds, llm_loss=llm_loss, vit_loss=vit_loss)
-    return cfg
+def caption_attributes(captions_file, data, ann="test_captions.json"):
+    """What a model's captions of the held-out scenes ({data}/{ann}) get right, object by object
+    (caption_attribute_hits): percent of objects whose colour, shape and size they name right, and of captions
+    naming as many objects. captions_file: eval.py's caption_captions.json."""
+    with open(f"{data}/{ann}") as f:
+        scenes = {it["image"]: it["scene"] for it in json.load(f)}
+    with open(captions_file) as f:
+        captions = {c["image_id"]: c["caption"] for c in json.load(f)}
+    return caption_attribute_accuracy(captions, scenes)
 
 
 if __name__ == "__main__":
-    kwargs, kind = {}, next((a for a in sys.argv[1:] if a in ("--quickstart", "--video")), "")
-    for arg in [a for a in sys.argv[1:] if a != kind]:
-        key, _, value = arg.lstrip("-").partition("=")
-        kwargs[key] = value if key in ("out", "ship") else float(value) if key == "llm_lr" else int(value)
-    ship = kwargs.pop("ship", None)
-    build = {"--quickstart": build_quickstart_world, "--video": build_video_world}.get(kind, build_tiny_world)
-    if ship and build is not build_quickstart_world:
-        raise SystemExit("--ship=DIR: only the quick start's backbones ship (world.py --quickstart --ship=DIR)")
-    built = build(**kwargs)
-    if ship:  # the pretrained LLM and ViT of this world become the shipped ones (assets/quickstart_backbones)
-        save_shipped_backbones(kwargs.get("out", "data/quickstart"), built, ship)
+    import inspect
+
+    from configurator import apply_overrides
+
+    quickstart = "--quickstart" in sys.argv[1:]
+    if quickstart:  # pretrain=1: pretrain the LLM and the ViT here even where shipped ones fit the settings
+        options = dict(out="data/quickstart", pretrain=0, ship="", **QUICKSTART_WORLD)
+    else:
+        options = {k: p.default for k, p in inspect.signature(build_tiny_world).parameters.items()}
+    try:
+        apply_overrides(options, [a for a in sys.argv[1:] if a != "--quickstart"])
+    except ValueError as e:
+        raise SystemExit(f"world.py{' --quickstart' if quickstart else ''}: {e}")
+    if quickstart:
+        ship = options.pop("ship")
+        built = build_quickstart_world(pretrain=bool(options.pop("pretrain")), **options)
+        if ship:  # the pretrained LLM and ViT of this world become the shipped ones (assets/quickstart_backbones)
+            save_shipped_backbones(options["out"], built, ship)
+    else:
+        build_tiny_world(**options)

@@ -20,12 +20,12 @@ def tiny_world(tmp_path_factory):
 
 @pytest.fixture
 def quickstart_in_process(monkeypatch):
-    """quickstart.run runs each step inside this process (tests/scripts.py) with the arguments the quick start gives
-    it: a new interpreter for each would cost more than the steps themselves at the tests' sizes. Yields the names
-    of the steps run."""
+    """runs.run (the quick start's and the studies' steps) runs each step inside this process (tests/scripts.py)
+    with the arguments it was given: a new interpreter for each would cost more than the steps themselves at the
+    tests' sizes. Yields the names of the steps run."""
     import time
 
-    import quickstart
+    import runs
     from scripts import run_script
 
     steps = []
@@ -35,5 +35,5 @@ def quickstart_in_process(monkeypatch):
         t0 = time.time()
         print(run_script(cmd[0], *cmd[1:], timeout=600).stdout)  # as the subprocess would echo it
         timings[name] = timings.get(name, 0.0) + time.time() - t0
-    monkeypatch.setattr(quickstart, "run", run)
+    monkeypatch.setattr(runs, "run", run)
     return steps

@@ -28,7 +28,7 @@ def run_script(script, *args, ok=True, timeout=120):
     A run past `timeout` seconds is stopped (SIGALRM) and fails the test rather than hanging the suite."""
     out, err = io.StringIO(), io.StringIO()
     argv, code, failure = sys.argv, 0, ""
-    sys.argv = [script, *[os.path.join(ROOT, a) if a.startswith("config/") else a for a in args]]
+    sys.argv = [script, *[os.path.join(ROOT, a) if a.startswith(("config/", "studies/config/")) else a for a in args]]
     previous = signal.signal(signal.SIGALRM, _hang)
     signal.alarm(timeout)
     try:

@@ -1,4 +1,4 @@
-"""bench.py at the tiny size: every stage runs in seconds and prints its fields, the FLOP accounting adds up, the HF
+"""dev/bench.py at the tiny size: every stage runs in seconds and prints its fields, the FLOP accounting adds up, the HF
 reference computes the same loss, and the cached-feature path equals the image path."""
 
 import os
@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-import bench
+from dev import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +26,7 @@ def tiny_bench(monkeypatch):
 
 @pytest.mark.slow
 def test_cli_runs_every_stage_and_prints_the_fields():
-    cmd = [sys.executable, "bench.py", "--size=tiny", "--steps=2", "--warmup=1", "--batch_size=4", "--threads=1",
+    cmd = [sys.executable, "-m", "dev.bench", "--size=tiny", "--steps=2", "--warmup=1", "--batch_size=4", "--threads=1",
            "--device=cpu", "--dtype=float32"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -147,12 +147,12 @@ def test_stage1_report_counts_less_work_after_than_before_as_on_one_of_8_ranks(t
 
 @pytest.mark.slow
 def test_gpu_check_plumbing_on_cpu(tmp_path):
-    """gpu_check.sh --cpu: every part runs although the tests fail before stage 0's benchmark, and the summary gives
-    each stage's figures and the failing test with its first error line."""
+    """dev/gpu_check.sh --cpu, run from the repository root: every part runs although the tests fail before stage 0's
+    benchmark, and the summary gives each stage's figures and the failing test with its first error line."""
     tests = tmp_path / "test_plumbing.py"
     tests.write_text("def test_ok():\n    pass\n\n\ndef test_bad():\n    assert 1 == 2, 'boom'\n")
     env = {**os.environ, "OUT": str(tmp_path / "logs"), "PYTHON": sys.executable, "GPU_CHECK_TESTS": str(tests)}
-    p = subprocess.run(["bash", "gpu_check.sh", "--cpu"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+    p = subprocess.run(["bash", "dev/gpu_check.sh", "--cpu"], cwd=ROOT, capture_output=True, text=True, timeout=900,
                        env=env)
     assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]  # a failed part
     summary = (tmp_path / "logs" / "summary.txt").read_text()

@@ -1,7 +1,7 @@
 """The CUDA paths on a real GPU (skipped without one): the tiny train scripts in bf16 and in fp16 with the GradScaler
 (finite losses, exact resume), torchrun with NCCL (checkpoint, validation all-reduce), no host synchronisation inside
 a training step, flash or memory-efficient attention for every pass (never the math kernel), an MFU peak for the GPU
-in use, and generation under autocast following fp32. gpu_check.sh runs this file after the benchmark; the CPU
+in use, and generation under autocast following fp32. dev/gpu_check.sh runs this file after the benchmark; the CPU
 proxies of these checks are in tests/test_precision.py."""
 
 import os

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 from transformers import BertTokenizerFast, PreTrainedTokenizerFast
 
-import bench
+from dev import bench
 import distributed
 import model as model_py
 import tiny

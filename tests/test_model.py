@@ -6,7 +6,7 @@ import torch
 from transformers import BertForMaskedLM, BertTokenizerFast
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-import bench
+from dev import bench
 import tiny
 from tiny import close
 from backbones import FrozenLLM, FrozenT5LLM, FrozenViT, split_captions, wrap_llm

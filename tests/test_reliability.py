@@ -527,8 +527,8 @@ def test_a_full_disk_says_so_and_keeps_the_last_checkpoint(tmp_path, monkeypatch
 
 
 def test_the_quick_start_driver_passes_sigterm_to_its_step_and_waits_for_it(tmp_path):
-    """A scheduler's SIGTERM to quickstart.py (or experiment.py) reaches the running step, which saves and exits;
-    the driver waits for it and stops with its exit code, never leaving the step running."""
+    """A scheduler's SIGTERM to a driver of runs.run (quickstart.py, the studies) reaches the running step, which
+    saves and exits; the driver waits for it and stops with its exit code, never leaving the step running."""
     import signal
     import subprocess
     import sys
@@ -538,7 +538,7 @@ def test_the_quick_start_driver_passes_sigterm_to_its_step_and_waits_for_it(tmp_
     step = ("import signal, sys, time; "
             "signal.signal(signal.SIGTERM, lambda *a: (print('step saved', flush=True), sys.exit(143))); "
             "print('step running', flush=True); time.sleep(60)")
-    driver = subprocess.Popen([sys.executable, "-c", f"import quickstart; quickstart.run('a step', ['-c', {step!r}], {{}})"],
+    driver = subprocess.Popen([sys.executable, "-c", f"import runs; runs.run('a step', ['-c', {step!r}], {{}})"],
                               cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     t0 = time.time()
     while driver.stdout.readline() != "step running\n":  # the step's own line, not the driver's echo of it

@@ -1,10 +1,12 @@
-"""`quickstart.py --video --size=small` end to end on the video world (clips of a shape moving left or right, the
-direction visible only across frames): stage 2 on 4-frame clips, on single frames, and on 4-frame clips with
+"""`python -m studies.video_world --size=small` end to end on the video world (clips of a shape moving left or right,
+the direction visible only across frames): stage 2 on 4-frame clips, on single frames, and on 4-frame clips with
 P-Former; zero-shot video QA and captions. Every run's loss falls, the 4-frame model tells the direction of motion
 well above the single-frame model and the blind baseline, and the P-Former alignment loss falls."""
 import json
 
-import quickstart
+import pytest
+
+from studies import video_world
 
 
 def log(path):
@@ -12,9 +14,10 @@ def log(path):
         return [r for r in map(json.loads, f) if "loss" in r]
 
 
+@pytest.mark.slow
 def test_video_world_small(tmp_path, quickstart_in_process, capsys):
     data, out = tmp_path / "data", tmp_path / "out"
-    results, blind = quickstart.main_video("small", data=str(data), out=str(out))
+    results, blind = video_world.main("small", data=str(data), out=str(out))
     assert "QA: direction" in capsys.readouterr().out and (out / "results.md").stat().st_size > 0
     for name, r in results.items():
         losses = [x["loss"] for x in log(f"{r['dir']}/stage2/log.jsonl")]

@@ -3,20 +3,21 @@ Training-step benchmark of the three stages, nanoGPT style: samples/s, the step 
 backward / optimizer, the forward split by part, peak memory, FLOPs by part and MFU. Stage 2 also runs
 transformers' own Blip2ForConditionalGeneration on identical weights and inputs and prints the time ratio.
 
-    python bench.py                                    # all stages, 'small' size, CPU (or the GPU if there is one)
-    python bench.py --stage=2 --size=tiny --steps=3
-    python bench.py --stage=0 --size=real --llm_layers=2 --device=cpu --batch_size=8   # VQ at OPT-2.7b's width
-    python bench.py --stage=2 --size=real --device=cuda --dtype=bfloat16 --batch_size=64 --compile=True
-    python bench.py --size=real --flops_only=True --device=cpu       # FLOPs per sample at real sizes, in seconds
+    python -m dev.bench                                    # all stages, 'small' size, CPU (or the GPU if there is one)
+    python -m dev.bench --stage=2 --size=tiny --steps=3
+    python -m dev.bench --stage=0 --size=real --llm_layers=2 --device=cpu --batch_size=8   # VQ at OPT-2.7b's width
+    python -m dev.bench --stage=2 --size=real --device=cuda --dtype=bfloat16 --batch_size=64 --compile=True
+    python -m dev.bench --size=real --flops_only=True --device=cpu       # FLOPs per sample at real sizes, in seconds
 
 Sizes (random weights, nothing is downloaded):
     real   EVA ViT-g/14 (39 of 40 blocks, 224 px) + BERT-base Q-Former + OPT-2.7b (vocab 50272); P-Former BERT-base
     small  the same proportions 8x narrower and 4x shallower (sequence lengths kept: 257 image tokens,
            32 queries, captions of up to 32 tokens); vocabularies scaled with width x depth, so that the LM
-           heads keep their real share of the work. Well under a second per step on 2 CPU cores.
+           heads keep their real share of the work.
     tiny   the test sizes: everything 64 wide, 2 layers, 28 px images, 8 queries
 FLOPs come from torch.utils.flop_counter on one step, split by module: the frozen forwards (ViT, LLM),
 the LLM's backward to the soft prompt (input gradients only), and the trainable parts' forward + backward.
+Run from the repository root (python -m dev.bench: the repository's modules import as usual).
 """
 import contextlib
 import os

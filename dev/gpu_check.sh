@@ -3,13 +3,13 @@
 # tests/test_cuda.py, then stage 0's benchmark. Each part has its own time limit and runs whatever the part before
 # it returned, so a failing test never costs the throughput figures; a summary ends it.
 #
-#   bash gpu_check.sh          # one GPU; 550 s of limits in all (see LIMITS), about 5 minutes expected
-#   bash gpu_check.sh --cpu    # the same plumbing on a CPU at the tiny size (tests/test_bench.py runs it)
+#   bash dev/gpu_check.sh          # one GPU; the time limits of its parts are in LIMITS
+#   bash dev/gpu_check.sh --cpu    # the same plumbing on a CPU at the tiny size (tests/test_bench.py runs it)
 #
-# Logs go to $OUT if it is set, else out/gpu_check/. The exit status is 0 only if every part passed.
-# Uses python3 (else python), or $PYTHON.
+# It runs from the repository root wherever it is called from. Logs go to $OUT if it is set, else out/gpu_check/
+# (under the repository root). The exit status is 0 only if every part passed. Uses python3 (else python), or $PYTHON.
 set -u
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 LOGS=${OUT:-out/gpu_check}
 mkdir -p "$LOGS"
@@ -22,11 +22,11 @@ if [ "${1:-}" = "--cpu" ]; then
     LIMITS=(120 180 180 180 180)  # generous: a shared CI machine
 else
     MODE=cuda
-    # batch 128 in bf16: about 26 / 27 / 29 GiB for stages 0 / 1 / 2 at the real sizes
+    # batch 128 in bf16 at the real sizes (each stage's peak memory is in the summary)
     BENCH=(--size=real --device=cuda --dtype=bfloat16 --batch_size=128 --steps=3 --warmup=2)
-    # seconds, estimated (never run on a GPU yet): versions; stage 1, stage 2 (each: start-up and random init on the
-    # GPU ~30 s, a FLOP-counting step, 2 + 3 timed + 3 profiled steps of ~1 s at 30% MFU); the CUDA tests (the tiny
-    # world, 12 tiny training runs, a torchrun: ~3 min); stage 0 (the LLM only). 550 s in all.
+    # seconds, estimates: versions; stage 1, stage 2 (each: start-up and random init on the GPU, a FLOP-counting
+    # step, 2 + 3 timed + 3 profiled steps); the CUDA tests (the tiny world, tiny training runs, a torchrun); stage 0
+    # (the LLM only)
     LIMITS=(30 100 120 240 60)
 fi
 
@@ -68,10 +68,10 @@ else:
     print("GPU: none (--cpu: tiny sizes)")
 EOF
 [ "$status" = 0 ] || exit 1  # nothing else can run: the reason is printed above, in the first seconds
-part bench_stage1 "${LIMITS[1]}" "$PY" bench.py --stage=1 "${BENCH[@]}"
-part bench_stage2 "${LIMITS[2]}" "$PY" bench.py --stage=2 "${BENCH[@]}" --compare_hf=False
+part bench_stage1 "${LIMITS[1]}" "$PY" -m dev.bench --stage=1 "${BENCH[@]}"
+part bench_stage2 "${LIMITS[2]}" "$PY" -m dev.bench --stage=2 "${BENCH[@]}" --compare_hf=False
 COLUMNS=400 part tests "${LIMITS[3]}" "$PY" -m pytest -q -rfE -p no:cacheprovider "$TESTS"
-part bench_stage0 "${LIMITS[4]}" "$PY" bench.py --stage=0 "${BENCH[@]}"
+part bench_stage0 "${LIMITS[4]}" "$PY" -m dev.bench --stage=0 "${BENCH[@]}"
 
 "$PY" - "$LOGS" <<'EOF' | tee "$LOGS/summary.txt"
 import os, re, sys

@@ -6,12 +6,12 @@ evaluated zero-shot (VQA accuracy per question type, caption CIDEr, and the obje
 the world's held-out test scenes. The whole grid runs on several worlds (world.py --seed: other scenes, and
 backbones pretrained again), so that a verdict can be checked against a rebuild of what was pretrained.
 
-    python experiment.py                       # the grid: {out}/test_150-300.md, .json and .png
-    python experiment.py --split=val --n_pairs=[100] --seeds=[0] --stage2=150   # a choice, on validation scenes
-    python experiment.py --diagnose            # what the prompts carry: {out}/w0/diagnosis.md, .json
-    python experiment.py --size=small          # CI size (tests/test_experiment.py)
+    python -m studies.pformer_effect            # the grid: {out}/test_150-300.md, .json and .png
+    python -m studies.pformer_effect --split=val --n_pairs=[100] --seeds=[0] --stage2=150   # a choice, on validation
+    python -m studies.pformer_effect --diagnose # what the prompts carry: {out}/w0/diagnosis.md, .json
+    python -m studies.pformer_effect --size=small   # the tests' size (tests/test_pformer_effect.py)
     options: --worlds=[0,1] --n_pairs=[100,1900] --seeds=[0,1,2] --stage1=150 --stage2=300 --pformer=300
-             --out=DIR --data=DIR --size=full|small
+             --out=DIR --data=DIR --size=full|small --split=test|val
 
 Each difference between the arms is paired (same world, N and seed: the same data order and initial weights) and
 comes with three kinds of noise: the evaluation's (a bootstrap over the test scenes), the seeds' (the spread of the
@@ -19,11 +19,11 @@ paired differences within a world) and the worlds' (each world's mean). Choices 
 never on the test scenes: the last n_val scenes of train.json are in no subset; their captions are every stage's
 validation loss, and they get questions as the test scenes do (--split=val evaluates on them).
 
-Everything done is reused when what produced it is unchanged (quickstart.train and quickstart.evaluate compare the
-settings and the identities of the world and the parent checkpoints); an interrupted stage resumes. World 0 takes
-the quick start's shipped backbones; any other world pretrains its own (about 40 minutes on 2 cores).
+Run from the repository root. Every stage is one of the train scripts with its config/quickstart_*.py, run as a
+subprocess (runs.py); everything done is reused when what produced it is unchanged (the settings and the identities of
+the world and the parent checkpoints); an interrupted stage resumes. World 0 takes the quick start's shipped
+backbones; any other world pretrains its own (world.py --quickstart --seed=w), the longest step by far.
 """
-import ast
 import json
 import os
 import random
@@ -35,25 +35,30 @@ from PIL import Image
 
 import metrics as M
 import plots
-import quickstart
+import runs
 import world
 from backbones import FrozenLLM
 from checkpoints import from_checkpoint, pformer_from_checkpoint, read_checkpoint
+from configurator import apply_overrides
 from data import eval_transform
-from metrics import VQA_PROMPT, write_json
+from metrics import VQA_PROMPT
 from model import nearest_embeddings
 
 SIZES = {  # the world, validation scenes, grid, steps per stage, arguments of every stage, caption scorers
     "full": dict(world={}, worlds=[0, 1], n_val=100, n_pairs=[100, 1900], seeds=[0, 1, 2], pformer=300,
                  stage1=150, stage2=300, args=["--log_interval=20", "--eval_interval=50"], scorers="['BLEU','CIDEr']",
-                 diag=dict(steps=[100, 1000], text_scenes=[200, 2000], old_llm_steps=750)),
-    "small": dict(world=dict(n_train=40, n_test=8, n_text=300, vit_steps=20, llm_width=64, llm_layers=2,
-                             llm_steps=100, llm_batch=64, llm_lr=0.002, llm_questions=2),
+                 diag=dict(steps=[100, 1000], text_scenes=[200, 2000])),
+    "small": dict(world=dict(n_train=40, n_test=8, n_text=300, vit_steps=8, llm_width=64, llm_layers=2,
+                             llm_steps=40, llm_batch=32, llm_lr=0.002, llm_questions=2),
                   worlds=[0, 1], n_val=8, n_pairs=[16], seeds=[0], pformer=10, stage1=8, stage2=10,
                   args=["--log_interval=2", "--eval_interval=5", "--batch_size=8"],
-                  scorers="['CIDEr']", diag=dict(steps=[5], text_scenes=[50], old_llm_steps=40)),
+                  scorers="['CIDEr']", diag=dict(steps=[5], text_scenes=[50])),
 }
 ARMS = {"BLIP-2": "blip2", "BLIP-2 + P-Former": "blip2_pformer"}
+
+
+def write_json(path, obj):
+    M.write_json(path, obj, indent=1)
 
 
 def write_splits(data, n_pairs, n_val, seed=0):
@@ -78,11 +83,18 @@ def write_splits(data, n_pairs, n_val, seed=0):
     write_json(f"{data}/val_vqa.json", vqa)
 
 
+def stage(name, script, out_dir, steps, data, timings, *extra):
+    """One stage: `script` with its config/quickstart_*.py, pointed at the world in `data`, `extra` last."""
+    config = f"config/quickstart_{script.removeprefix('train_').removesuffix('.py')}.py"
+    return runs.train(name, script, config, out_dir, steps, data, timings, *world.quickstart_args(script, data),
+                      *extra)
+
+
 def pformer(out_dir, steps, data, S, timings, *extra):
     """P-Former stage 0 on the corpus's captions (config/quickstart_pformer.py), validated on the validation
     scenes' captions; the checkpoint."""
-    return quickstart.train(f"P-Former {out_dir}", "train_pformer.py", "config/quickstart_pformer.py", out_dir,
-                            steps, data, timings, *S["args"], f"--val_text=['{data}/val_captions.json']", *extra)
+    return stage(f"P-Former {out_dir}", "train_pformer.py", out_dir, steps, data, timings, *S["args"],
+                 f"--val_text=['{data}/val_captions.json']", *extra)
 
 
 def blip2(d, n, seed, pformer_ckpt, data, S, timings):
@@ -90,10 +102,9 @@ def blip2(d, n, seed, pformer_ckpt, data, S, timings):
     d/stage2_{steps}-{steps} (a stage 1 serves every stage-2 length); the stage-2 checkpoint."""
     common = [*S["args"], f"--seed={seed}", f"--train_ann=['{data}/train_n{n}.json']",
               f"--val_ann=['{data}/val_captions.json']"] + ([f"--pformer_ckpt={pformer_ckpt}"] if pformer_ckpt else [])
-    s1 = quickstart.train(f"{d}: stage 1", "train_stage1.py", "config/quickstart_stage1.py",
-                          f"{d}/stage1_{S['stage1']}", S["stage1"], data, timings, *common)
-    return quickstart.train(f"{d}: stage 2", "train_stage2.py", "config/quickstart_stage2.py", f"{d}/{steps(S)}",
-                            S["stage2"], data, timings, *common, f"--stage1_ckpt={s1}")
+    s1 = stage(f"{d}: stage 1", "train_stage1.py", f"{d}/stage1_{S['stage1']}", S["stage1"], data, timings, *common)
+    return stage(f"{d}: stage 2", "train_stage2.py", f"{d}/{steps(S)}", S["stage2"], data, timings, *common,
+                 f"--stage1_ckpt={s1}")
 
 
 def steps(S):
@@ -157,8 +168,8 @@ def grid(data, out, S, split, timings):
                 d = run_dir(out, arm, n, seed)
                 ckpt = blip2(d, n, seed, pf if "P-Former" in arm else "", data, S, timings)
                 eval_dir = f"{d}/eval_{split}_{steps(S)}"
-                vqa, cap = (quickstart.evaluate(f"{d}: {task} ({split})", ckpt, task, f"{split}_{ann}.json",
-                                                eval_dir, data, timings, S["scorers"])
+                vqa, cap = (runs.evaluate(f"{d}: {task} ({split})", ckpt, task, f"{split}_{ann}.json", eval_dir,
+                                          data, timings, S["scorers"])
                             for task, ann in [("vqa", "vqa"), ("caption", "captions")])
                 r = results[arm].setdefault(n, {"vqa": [], "cider": []})
                 r["vqa"].append(vqa["overall"])
@@ -237,8 +248,8 @@ def experiment(data, out, S, split, timings):
     if split == "test":  # the blind baselines and the LLM reading the true caption, on the first world's questions
         questions = M.load_vqa_list(f"{data0}/test_vqa.json")
         items = M.load_caption_task("caption", f"{data0}/test_captions.json")
-        blind = quickstart.blind_baselines(data0, questions, items)
-        oracle = quickstart.true_caption_vqa(data0, questions)["overall"]
+        blind = world.blind_baselines(data0, questions, items)
+        oracle = world.true_caption_vqa(data0, questions)["overall"]
         reference = {"vqa": [("LLM reading the true caption", oracle),
                              ("blind: top answer per question", blind["answer per question"]["overall"])],
                      "cider": [("blind: most common caption", blind["top caption CIDEr"])]}
@@ -295,17 +306,11 @@ def readout(llm, prompts, mask, items, questions):
                 example=f"{items[0]['caption'][0]} -> {text[0]}")
 
 
-def text_prompts(llm, items, old=False, Q=16):
+def text_prompts(llm, items):
     """(a) the true caption as text: a document "</s> caption\\n" before the question's own BOS, as in the pages
-    the LLM read (quickstart.true_caption_vqa); old: the caption's tokens in the soft prompt's Q slots, padded with
-    <pad> and attended, as the old LLM read them."""
-    caps = [world.scene_caption(it["scene"]) for it in items]
-    if not old:
-        t = llm.tokenize([c + "\n" for c in caps], padding_side="left")
-        return llm.embed(t.input_ids), t.attention_mask
-    ids = [llm.tokenizer(c, add_special_tokens=False).input_ids for c in caps]
-    L = max(Q, *map(len, ids))
-    return llm.embed(torch.tensor([x + [llm.tokenizer.pad_token_id] * (L - len(x)) for x in ids])), None
+    the LLM read (world.true_caption_vqa)."""
+    t = llm.tokenize([world.scene_caption(it["scene"]) + "\n" for it in items], padding_side="left")
+    return llm.embed(t.input_ids), t.attention_mask
 
 
 def pformer_prompts(ckpt, items):
@@ -313,51 +318,6 @@ def pformer_prompts(ckpt, items):
     pf = pformer_from_checkpoint(read_checkpoint(ckpt, expect_stage=0), ckpt).eval()
     with torch.no_grad():
         return pf(*pf.tokenize([world.scene_caption(it["scene"]) for it in items], "cpu"))[0]
-
-
-def old_llm(data, out_dir, steps, seed=0, Q=16, batch_size=64, lr=2e-3):
-    """The world's LLM pretrained the old way (docs/CHANGELOG.md, stop 11; world.py before pages): documents
-    (context, text) from the corpus's scenes, the context a scene's caption in the soft prompt's Q slots (before BOS,
-    padded with <pad>, attended), the text another caption or a question answered in the VQA template; one in four
-    without context; the loss on the text only. Same architecture, tokenizer, steps and lr as the world's LLM."""
-    from transformers import AutoConfig, AutoTokenizer, OPTForCausalLM
-
-    if os.path.isfile(f"{out_dir}/config.json"):
-        return out_dir
-    tok, rng, docs = AutoTokenizer.from_pretrained(f"{data}/llm"), random.Random(seed), []
-    torch.manual_seed(seed)
-    llm = OPTForCausalLM(AutoConfig.from_pretrained(f"{data}/llm"))
-    with open(f"{data}/corpus_captions.txt") as f:
-        for canon in f.read().splitlines()[::3]:  # three captions a scene, the canonical one first
-            scene = [dict(zip(["size", "color", "shape"], o.split()[1:])) for o in canon.split(" above ")]
-            qas = rng.sample(world.scene_questions(scene), 2 if len(scene) > 1 else 1)
-            docs += [("", rng.choice(world.scene_captions(scene))), (canon, rng.choice(world.scene_captions(scene)))]
-            docs += [(canon, world.qa_sentence(q, a)) for q, a, _ in qas]
-    pad, nl = tok.pad_token_id, tok("\n", add_special_tokens=False).input_ids
-    contexts, texts = (tok(list(x), add_special_tokens=False).input_ids for x in zip(*docs))
-    enc = [(c + [pad] * (Q - len(c)) if c else c, t + nl) for c, t in zip(contexts, texts)]
-    opt = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
-    g = torch.Generator().manual_seed(seed)
-    llm.train()
-    for step in range(steps):
-        rows = [enc[i] for i in torch.randint(len(enc), (batch_size,), generator=g).tolist()]
-        ids = torch.full((batch_size, max(len(c) + 1 + len(t) for c, t in rows)), pad)
-        mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
-        for b, (c, t) in enumerate(rows):
-            seq = c + [tok.bos_token_id] + t
-            ids[b, :len(seq)], mask[b, :len(seq)] = torch.tensor(seq), 1
-            labels[b, len(c) + 1:len(seq)] = torch.tensor(t)
-        loss = llm(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == steps - 1:
-            print(f"old-way LLM pretraining step {step}: loss {loss.item():.3f}", flush=True)
-    llm.eval().save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return out_dir
 
 
 def last_loss(ckpt):
@@ -384,8 +344,8 @@ def diagnosis_table(rows, emb):
 
 def diagnose(data, out, S, timings):
     """(a) the true caption as text, (b) the P-Former's prompt for it (the grid's P-Former and variants: stage-0
-    steps, no masking, a smaller corpus, an LLM pretrained the old way), (c) the trained Q-Former's prompt (seed 0,
-    the smallest and largest N, both arms): readout() of each on the test scenes. Nothing here chooses anything."""
+    steps, no masking, a smaller corpus), (c) the trained Q-Former's prompt (seed 0, the smallest and largest N,
+    both arms): readout() of each on the test scenes. Nothing here chooses anything."""
     d, D, rows = f"{out}/diagnosis", S["diag"], {}
     os.makedirs(d, exist_ok=True)
     with open(f"{data}/test_captions.json") as f:
@@ -393,7 +353,7 @@ def diagnose(data, out, S, timings):
     questions = M.load_vqa_list(f"{data}/test_vqa.json")
     llm = FrozenLLM.from_pretrained(f"{data}/llm")
     rows["(a) true caption as text"] = readout(llm, *text_prompts(llm, items), items, questions)
-    rows["(a) check: quickstart.true_caption_vqa"] = dict(vqa=quickstart.true_caption_vqa(data, questions)["overall"])
+    rows["(a) check: world.true_caption_vqa"] = dict(vqa=world.true_caption_vqa(data, questions)["overall"])
     pf = {f"{S['pformer']} steps (the grid's)": pformer(f"{out}/pformer", S["pformer"], data, S, timings)}
     for steps in D["steps"]:
         pf[f"{steps} steps"] = pformer(f"{d}/pformer_steps{steps}", steps, data, S, timings)
@@ -421,20 +381,10 @@ def diagnose(data, out, S, timings):
                 soft = model.soft_prompt(images)
             rows[f"(c) Q-Former of {arm}, N={n}, seed {S['seeds'][0]}"] = dict(
                 readout(model.llm, soft, None, items, questions), mse=(soft - target).square().mean().item())
-    t0 = time.time()
-    old = FrozenLLM.from_pretrained(old_llm(data, f"{d}/llm_old", D["old_llm_steps"]))
-    timings["old-way LLM"] = time.time() - t0
-    rows["(a) old-way LLM: true caption in the soft prompt's slot"] = readout(old, *text_prompts(old, items, True),
-                                                                             items, questions)
-    ckpt = pformer(f"{d}/pformer_old_llm", S["pformer"], data, S, timings, f"--llm_model={d}/llm_old")
-    rows[f"(b) old-way LLM: its P-Former's prompt ({S['pformer']} steps)"] = dict(
-        readout(old, pformer_prompts(ckpt, items), None, items, questions), stage0=last_loss(ckpt))
-    emb = {}
-    for name, m in (("the LLM", llm), ("the old-way LLM", old)):
-        e = m.model.get_input_embeddings().weight.float()
-        dd = torch.cdist(e, e).fill_diagonal_(float("inf"))
-        emb[name] = dict(nearest=dd.min(1).values.mean().item(), pairwise=dd[dd.isfinite()].mean().item(),
-                         norm=e.norm(dim=1).mean().item())
+    e = llm.model.get_input_embeddings().weight.float()
+    dd = torch.cdist(e, e).fill_diagonal_(float("inf"))
+    emb = {"the LLM": dict(nearest=dd.min(1).values.mean().item(), pairwise=dd[dd.isfinite()].mean().item(),
+                           norm=e.norm(dim=1).mean().item())}
     lines = diagnosis_table(rows, emb)
     with open(f"{out}/diagnosis.md", "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -447,8 +397,8 @@ def main(size="full", data="data/experiment", out="out/experiment", split="test"
     the diagnosis (on the first world)."""
     S, timings, t0 = {**SIZES[size], **choices}, {}, time.time()
     for w in S["worlds"] if not diagnose_only else S["worlds"][:1]:
-        quickstart.run(f"world {w} + backbones", ["world.py", "--quickstart", f"--out={data}/w{w}", f"--seed={w}",
-                                                  *[f"--{k}={v}" for k, v in S["world"].items()]], timings)
+        runs.run(f"world {w} + backbones", ["world.py", "--quickstart", f"--out={data}/w{w}", f"--seed={w}",
+                                            *[f"--{k}={v}" for k, v in S["world"].items()]], timings)
         os.makedirs(f"{out}/w{w}", exist_ok=True)
         write_splits(f"{data}/w{w}", S["n_pairs"], S["n_val"])
     if diagnose_only:
@@ -458,16 +408,27 @@ def main(size="full", data="data/experiment", out="out/experiment", split="test"
     print(f"\n{time.time() - t0:.0f}s in all")
 
 
+CHOICES = ("worlds", "n_pairs", "seeds", "stage1", "stage2", "pformer")  # options that override SIZES[size]
+
+
+def read_options(argv):
+    """main()'s keyword arguments from the command line (see the docstring): --diagnose, then --key=value."""
+    options = dict(size="full", data="data/experiment", out="out/experiment", split="test", **dict.fromkeys(CHOICES))
+    apply_overrides(options, [a for a in argv if a != "--diagnose"])
+    if options["size"] not in SIZES:
+        raise ValueError(f"--size={options['size']}: expected one of {', '.join(SIZES)}")
+    if options["split"] not in ("test", "val"):
+        raise ValueError(f"--split={options['split']}: expected test or val")
+    for key in CHOICES:  # their defaults depend on --size: checked here against the full size's
+        example = SIZES["full"][key]
+        if options[key] is not None and type(options[key]) is not type(example):
+            raise ValueError(f"--{key}={options[key]!r}: expected {type(example).__name__}, e.g. --{key}={example}")
+    return dict({k: v for k, v in options.items() if v is not None}, diagnose_only="--diagnose" in argv)
+
+
 if __name__ == "__main__":
-    options = {}
-    for arg in sys.argv[1:]:  # --key=value
-        key, _, value = arg.lstrip("-").partition("=")
-        if key == "diagnose":
-            options["diagnose_only"] = True
-        elif key in ("size", "data", "out", "split"):
-            options[key] = value
-        elif key in ("n_pairs", "seeds", "worlds", "stage1", "stage2", "pformer"):
-            options[key] = ast.literal_eval(value)
-        else:
-            raise SystemExit(f"unknown option {arg}; see the docstring of experiment.py")
+    try:
+        options = read_options(sys.argv[1:])
+    except ValueError as e:
+        raise SystemExit(f"studies/pformer_effect.py: {e} (the options are in its docstring)")
     main(**options)

@@ -1,7 +1,7 @@
-# Stage 2 on the video world (world.py --video), after config/video_world_stage1.py (or from scratch with
-# --stage1_ckpt=): the world's OPT, pretrained on its text, reads the soft prompt of each 4-frame clip.
-out_dir = "out/quickstart_video/stage2"
-stage1_ckpt = "out/quickstart_video/stage1/ckpt.pt"
+# Stage 2 on the video world (python -m studies.video_world runs it), after video_world_stage1.py (or from scratch
+# with --stage1_ckpt=): the world's OPT, pretrained on its text, reads the soft prompt of each 4-frame clip.
+out_dir = "out/video_world/stage2"
+stage1_ckpt = "out/video_world/stage1/ckpt.pt"
 train_ann = ["data/video/train.json"]
 train_image_roots = ["data/video/videos"]
 val_ann = []
@@ -9,7 +9,7 @@ num_workers = 0
 video = True
 num_frames = 4
 augment = False
-cache_vit_features = True  # the frozen ViT runs once per clip: ten times faster on CPU
+cache_vit_features = True  # the frozen ViT runs once per clip, not once per epoch
 # the image encoder and Q-Former sizes, for the run from scratch; from a checkpoint, checked against it
 vit_pretrained = "data/video/vit.pth"
 vit_kwargs = dict(patch_size=8, embed_dim=64, depth=3, num_heads=4, mlp_ratio=2.0)

@@ -1,11 +1,11 @@
-# P-Former stage 0 on the video world's text corpus (world.py --video; captions of clips that have no video), on CPU
-# in seconds: quickstart.py --video.
-out_dir = "out/quickstart_video/pformer"
+# P-Former stage 0 on the video world's text corpus (captions of clips that have no video), on CPU; run by
+# python -m studies.video_world, which points the data paths below at its --data.
+out_dir = "out/video_world/pformer"
 train_text = ["data/video/corpus_captions.txt"]
 val_text = ["data/video/test_captions.json"]
 num_workers = 0
 bert = "data/video/bert"
-num_query_tokens = 8  # = the Q-Former's queries in config/video_world_stage*.py
+num_query_tokens = 8  # = the Q-Former's queries in video_world_stage*.py
 hidden_size = 64
 num_layers = 2
 num_heads = 4
