@@ -17,7 +17,7 @@ single frame cannot tell), on clip features as the VATEX runs read them:
        {out}/results.md and .json: mean and spread over seeds, and P-Former minus BLIP-2 paired by seed.
 
     python -m studies.video_bridges                    # the full study: out/video_bridges/results.md
-    python -m studies.video_bridges --size=small       # a minute or so (tests/test_video_bridges.py)
+    python -m studies.video_bridges --size=small       # the test's size (tests/test_video_bridges.py)
     options: --seeds=[0,1,2] --size=full|small --data=data/video --out=out/video_bridges
              --world={'n_train':1500}   (world.py --video settings)   --steps={'stage2':400}   (pformer, stage1, stage2)
 
@@ -40,7 +40,7 @@ from backbones import FrozenViT
 from configurator import apply_overrides
 from data import ClipTransform, decode_frames
 from model import Blip2Config
-from world import build_video_world
+from world import VIDEO_WORLD, build_video_world
 
 SIZES = {  # world.py --video settings, the steps of each stage, the log interval
     "full": dict(world={}, pformer=300, stage1=150, stage2=600, log_interval=50),
@@ -159,9 +159,12 @@ def main(size="full", seeds=(0, 1, 2), data="data/video", out="out/video_bridges
     stage2); returns the scores of every run, their means and spreads, the paired differences, the blind baseline."""
     if size not in SIZES:
         raise SystemExit(f"--size={size}: full or small")
-    unknown = sorted(set(steps or {}) - {"pformer", "stage1", "stage2"})
-    if unknown:
-        raise SystemExit(f"--steps={steps}: unknown stage {unknown[0]!r} (pformer, stage1, stage2)")
+    if not seeds:
+        raise SystemExit("--seeds=[]: give one seed or more, e.g. --seeds=[0]")
+    for option, given, known in (("world", world, VIDEO_WORLD), ("steps", steps, ("pformer", "stage1", "stage2"))):
+        unknown = sorted(set(given or {}) - set(known))
+        if unknown:
+            raise SystemExit(f"--{option}={given}: unknown key {unknown[0]!r} (known: {', '.join(known)})")
     S = {**SIZES[size], **(steps or {}), "world": {**SIZES[size]["world"], **(world or {})}}
     timings, t_start = {}, time.time()
     width = extract_features(data, build_video_world(data, **S["world"])["n_frames"])

@@ -67,3 +67,15 @@ def test_video_bridges_small(tmp_path, monkeypatch, quickstart_in_process):
     for row in ("| qformer | BLIP-2 |", "| qformer | BLIP-2 + P-Former |", "| bert | BLIP-2 |",
                 "| bert | BLIP-2 + P-Former |", "| qformer |", "| bert |", "| blind:"):
         assert row in table, row
+
+
+@pytest.mark.parametrize("kwargs, named", [(dict(size="medium"), "--size=medium"),
+                                           (dict(seeds=[]), "--seeds=[]"),
+                                           (dict(world={"n_trian": 10}), "'n_trian'"),
+                                           (dict(steps={"stage3": 10}), "'stage3'")])
+def test_bad_options_are_named(tmp_path, kwargs, named):
+    """A wrong option stops the study at once, before anything is built, with a line naming it."""
+    with pytest.raises(SystemExit, match=named.replace("[", r"\[").replace("]", r"\]")):
+        video_bridges.main(**{"size": "small", "data": str(tmp_path / "data"), "out": str(tmp_path / "out"),
+                              **kwargs})
+    assert not (tmp_path / "data").exists()
