@@ -35,12 +35,14 @@ import numpy as np
 import torch
 
 import metrics as M
-import quickstart  # the quick start's helpers: run, train, evaluate, blind_baselines
+import runs
+from world import blind_baselines
 from backbones import FrozenViT
-from configurator import apply_overrides
+from configurator import apply_overrides, override_args
 from data import ClipTransform, decode_frames
 from model import Blip2Config
-from world import VIDEO_WORLD, build_video_world
+from studies import video_world
+from studies.video_world import VIDEO_WORLD, build_video_world
 
 SIZES = {  # world.py --video settings, the steps of each stage, the log interval
     "full": dict(world={}, pformer=300, stage1=150, stage2=600, log_interval=50),
@@ -62,12 +64,12 @@ def extract_features(data, n_frames, batch=64):
     """DATA/features/name.npy (n_frames x F, float32) for every training and test clip: its frames through the world's
     frozen ViT, built as the training scripts build it, tokens mean-pooled per frame. Skipped when done for this world
     (features/extracted.json holds the world's identity). Returns F."""
-    cfg = runpy.run_path("config/video_world_stage1.py")  # the world's ViT: vit_pretrained, vit_kwargs, vit_layers
+    cfg = runpy.run_path("studies/config/video_world_stage1.py")  # the world's ViT: vit_pretrained, vit_kwargs, vit_layers
     cfg["vit_pretrained"] = cfg["vit_pretrained"].replace("data/video", data, 1)
     vit = FrozenViT(Blip2Config.pick(cfg))
     out, record = f"{data}/features", f"{data}/features/extracted.json"
-    wanted = dict(world=quickstart.identity(data), frames=n_frames, width=vit.width, vit=cfg["vit_pretrained"])
-    if quickstart.read_json(record) == wanted:
+    wanted = dict(world=runs.identity(data), frames=n_frames, width=vit.width, vit=cfg["vit_pretrained"])
+    if runs.read_json(record) == wanted:
         return vit.width
     names = set()
     for ann in ("train.json", "test_captions.json"):
@@ -88,6 +90,12 @@ def extract_features(data, n_frames, batch=64):
     return vit.width
 
 
+def feature_args(data):
+    """--key=value arguments that point studies/config/video_bridges_*.py at the world in `data` and its features."""
+    return override_args(dict(train_ann=[f"{data}/train.json"], train_image_roots=[f"{data}/features"],
+                              bert=f"{data}/bert"))
+
+
 def train_arm(bridge, arm, stage1_args, stage2_args, seed, width, S, data, out, timings):
     """Stage 1 (unless the arm has none) and stage 2 of one bridge, arm and seed; returns the run's directory."""
     d = f"{out}/{bridge}/{'blip2_pformer' if 'P-Former' in arm else 'blip2'}/seed{seed}"
@@ -96,19 +104,20 @@ def train_arm(bridge, arm, stage1_args, stage2_args, seed, width, S, data, out, 
     name = f"{bridge}, {arm}, seed {seed}"
     start = "--stage1_ckpt="  # the BERT bridge's VATEX baseline starts stage 2 from BERT itself
     if stage1_args is not None:
-        start = "--stage1_ckpt=" + quickstart.train(f"{name}: stage 1", "train_stage1.py", STAGE1, f"{d}/stage1",
-                                                    S["stage1"], data, timings, *common, *fill(stage1_args))
-    quickstart.train(f"{name}: stage 2", "train_stage2.py", STAGE2, f"{d}/stage2", S["stage2"], data, timings,
-                     *common, start, *fill(stage2_args))
+        start = "--stage1_ckpt=" + runs.train(f"{name}: stage 1", "train_stage1.py", STAGE1, f"{d}/stage1",
+                                              S["stage1"], data, timings, *feature_args(data), *common,
+                                              *fill(stage1_args))
+    runs.train(f"{name}: stage 2", "train_stage2.py", STAGE2, f"{d}/stage2", S["stage2"], data, timings,
+               *feature_args(data), f"--llm_model={data}/llm", *common, start, *fill(stage2_args))
     return d
 
 
 def evaluate_arm(name, d, data, timings):
     """Zero-shot video QA and captions (CIDEr) of the run in d, on the test clips' features."""
     ckpt = f"{d}/stage2/ckpt.pt"
-    qa = quickstart.evaluate(f"{name}: eval QA", ckpt, "video_qa", "test_qa.json", f"{d}/eval", data, timings,
+    qa = runs.evaluate(f"{name}: eval QA", ckpt, "video_qa", "test_qa.json", f"{d}/eval", data, timings,
                              "['CIDEr']", media="features")
-    caption = quickstart.evaluate(f"{name}: eval captions", ckpt, "video_caption", "test_captions.json",
+    caption = runs.evaluate(f"{name}: eval captions", ckpt, "video_caption", "test_captions.json",
                                   f"{d}/eval", data, timings, "['CIDEr']", media="features")
     return {**{t: qa[t] for t in QA_TYPES}, "CIDEr": caption["CIDEr"]}
 
@@ -118,13 +127,13 @@ def mean_spread(values):
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarise(runs, seeds):
+def summarise(scores, seeds):
     """Per bridge and arm: mean and spread over seeds of each metric; per bridge: P-Former minus BLIP-2, same seed."""
     metrics = QA_TYPES + ["CIDEr"]
-    arms = {f"{b} | {a}": {m: mean_spread([runs[b][a][s][m] for s in seeds]) for m in metrics}
-            for b in runs for a in runs[b]}
-    paired = {b: {m: mean_spread([runs[b]["BLIP-2 + P-Former"][s][m] - runs[b]["BLIP-2"][s][m] for s in seeds])
-                  for m in metrics} for b in runs}
+    arms = {f"{b} | {a}": {m: mean_spread([scores[b][a][s][m] for s in seeds]) for m in metrics}
+            for b in scores for a in scores[b]}
+    paired = {b: {m: mean_spread([scores[b]["BLIP-2 + P-Former"][s][m] - scores[b]["BLIP-2"][s][m] for s in seeds])
+                  for m in metrics} for b in scores}
     return arms, paired
 
 
@@ -169,28 +178,28 @@ def main(size="full", seeds=(0, 1, 2), data="data/video", out="out/video_bridges
     timings, t_start = {}, time.time()
     width = extract_features(data, build_video_world(data, **S["world"])["n_frames"])
     timings["world + features"] = time.time() - t_start
-    quickstart.train("P-Former stage 0", "train_pformer.py", "config/video_world_pformer.py", f"{out}/pformer",
-                     S["pformer"], data, timings, f"--log_interval={S['log_interval']}")
-    runs, dirs = {}, {}
+    video_world.train("P-Former stage 0", "train_pformer.py", f"{out}/pformer", S["pformer"], data, timings,
+                      f"--log_interval={S['log_interval']}")
+    scores, dirs = {}, {}
     for bridge, arm, stage1_args, stage2_args in ARMS:
         for seed in seeds:
             d = train_arm(bridge, arm, stage1_args, stage2_args, seed, width, S, data, out, timings)
-            runs.setdefault(bridge, {}).setdefault(arm, {})[seed] = evaluate_arm(f"{bridge}, {arm}, seed {seed}", d,
+            scores.setdefault(bridge, {}).setdefault(arm, {})[seed] = evaluate_arm(f"{bridge}, {arm}, seed {seed}", d,
                                                                                  data, timings)
             dirs[f"{bridge} | {arm} | seed {seed}"] = d
-    blind = quickstart.blind_baselines(data, M.load_video_qa(f"{data}/test_qa.json"),
+    blind = blind_baselines(data, M.load_video_qa(f"{data}/test_qa.json"),
                                        M.load_video_captions(f"{data}/test_captions.json"))
-    arms, paired = summarise(runs, list(seeds))
+    arms, paired = summarise(scores, list(seeds))
     total = time.time() - t_start
     table = results_table(arms, paired, blind, list(seeds), timings, total)
     print("\n" + table)
     os.makedirs(out, exist_ok=True)
     with open(f"{out}/results.md", "w") as f:
         f.write(table + "\n")
-    M.write_json(f"{out}/results.json", {"runs": runs, "dirs": dirs, "mean_sd": arms, "pformer_minus_blip2": paired,
+    M.write_json(f"{out}/results.json", {"runs": scores, "dirs": dirs, "mean_sd": arms, "pformer_minus_blip2": paired,
                                          "blind": blind, "seconds": timings, "total_seconds": total}, indent=1)
     print(f"\nwrote {out}/results.md and .json ({total:.0f}s in all)")
-    return runs, arms, paired, blind
+    return scores, arms, paired, blind
 
 
 if __name__ == "__main__":
