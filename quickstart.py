@@ -127,11 +127,8 @@ def main(size="full", data="data/quickstart", out="out/quickstart"):
     total = time.time() - t_start
     table = results_table(results, blind, oracle, timings, total)
     print("\n" + table)
-    with open(f"{out}/results.md", "w") as f:
-        f.write(table + "\n")
-    with open(f"{out}/results.json", "w") as f:
-        json.dump({"results": results, "blind": blind, "true_caption_vqa": oracle, "seconds": timings,
-                   "total_seconds": total}, f, indent=1)
+    runs.write_results(f"{out}/results", table, {"results": results, "blind": blind, "true_caption_vqa": oracle,
+                                                 "seconds": timings, "total_seconds": total})
     draw_pictures(results, questions, items, data, out)
     print(f"\nwrote {out}/results.md, {out}/samples.png, {out}/losses.png ({total:.0f}s in all)")
 

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from metrics import write_json
+from metrics import provenance, write_atomic, write_json
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}  # nothing from the Hub; each step uses all cores (torch's default)
 
@@ -118,3 +118,12 @@ def evaluate(name, ckpt, task, ann, out_dir, world, timings, scorers, media="ima
         run(name, ["eval.py", *args], timings)
         write_json(record, wanted, indent=1)
     return read_json(metrics)["metrics"]
+
+
+def write_results(path, table, record):
+    """A driver's results, each written atomically: {path}.md (the table, then a line naming what produced it) and
+    {path}.json (the record, with "provenance": the commit, library versions and threads of metrics.provenance)."""
+    made = provenance("cpu")
+    footer = "produced by " + ", ".join(f"{k} {v}" for k, v in made.items())
+    write_atomic(f"{path}.md", lambda f: f.write(table + "\n\n" + footer + "\n"))
+    write_json(f"{path}.json", {**record, "provenance": made}, indent=1)

@@ -265,10 +265,8 @@ def experiment(data, out, S, split, timings):
             "; ".join(f"{lab} {v:.3f}" for refs in reference.values() for lab, v in refs) +
             "\n\nP-Former minus BLIP-2, paired (same world, N and seed), per question type and caption attribute:\n\n"
             + paired)
-    with open(f"{name}.md", "w") as f:
-        f.write(text + "\n")
-    write_json(f"{name}.json", dict(results={str(w): r for w, r in results.items()}, paired=numbers,
-                                    reference=reference, seconds=timings))
+    runs.write_results(name, text, dict(results={str(w): r for w, r in results.items()}, paired=numbers,
+                                        reference=reference, seconds=timings))
     print("\n" + text + f"\n\nwrote {name}.md, {name}.json, {name}.png")
 
 # -----------------------------------------------------------------------------
@@ -386,9 +384,7 @@ def diagnose(data, out, S, timings):
     emb = {"the LLM": dict(nearest=dd.min(1).values.mean().item(), pairwise=dd[dd.isfinite()].mean().item(),
                            norm=e.norm(dim=1).mean().item())}
     lines = diagnosis_table(rows, emb)
-    with open(f"{out}/diagnosis.md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    write_json(f"{out}/diagnosis.json", dict(rows=rows, embeddings=emb, seconds=timings))
+    runs.write_results(f"{out}/diagnosis", "\n".join(lines), dict(rows=rows, embeddings=emb, seconds=timings))
     print("\n" + "\n".join(lines))
 
 

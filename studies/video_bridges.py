@@ -194,10 +194,9 @@ def main(size="full", seeds=(0, 1, 2), data="data/video", out="out/video_bridges
     table = results_table(arms, paired, blind, list(seeds), timings, total)
     print("\n" + table)
     os.makedirs(out, exist_ok=True)
-    with open(f"{out}/results.md", "w") as f:
-        f.write(table + "\n")
-    M.write_json(f"{out}/results.json", {"runs": scores, "dirs": dirs, "mean_sd": arms, "pformer_minus_blip2": paired,
-                                         "blind": blind, "seconds": timings, "total_seconds": total}, indent=1)
+    runs.write_results(f"{out}/results", table, {"runs": scores, "dirs": dirs, "mean_sd": arms,
+                                                 "pformer_minus_blip2": paired, "blind": blind, "seconds": timings,
+                                                 "total_seconds": total})
     print(f"\nwrote {out}/results.md and .json ({total:.0f}s in all)")
     return scores, arms, paired, blind
 

@@ -223,10 +223,7 @@ def main(size="full", data="data/video", out="out/video_world"):
     lines += ["", f"{time.time() - t_start:.0f} s in all"]
     table = "\n".join(lines)
     print("\n" + table)
-    with open(f"{out}/results.md", "w") as f:
-        f.write(table + "\n")
-    with open(f"{out}/results.json", "w") as f:
-        json.dump({"results": results, "blind": blind, "seconds": timings}, f, indent=1)
+    runs.write_results(f"{out}/results", table, {"results": results, "blind": blind, "seconds": timings})
     return results, blind
 
 

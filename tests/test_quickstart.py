@@ -38,6 +38,8 @@ def test_quickstart_small(tmp_path, quickstart_in_process, capsys):
         assert sum(map(bool, named)) >= 0.6 * len(captions), (run, captions)
     for f in ["results.md", "results.json", "samples.png", "losses.png"]:
         assert (o / f).stat().st_size > 0
+    made = json.loads((o / "results.json").read_text())["provenance"]  # what produced the results, in both files
+    assert made["torch"] and made["torch_threads"] >= 1 and f"commit {made['commit']}" in (o / "results.md").read_text()
     # a second run reuses the world, the checkpoints and the evaluations
     quickstart_in_process.clear()
     quickstart.main("small", data=str(tmp_path / "data"), out=str(tmp_path / "out"))
