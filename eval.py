@@ -30,7 +30,8 @@ from metrics import VQA_PROMPT
 import train_common as tc
 from checkpoints import from_checkpoint
 from configurator import apply_overrides, config_snapshot
-from data import ClipTransform, _unreadable, clean_caption, decode_frames, eval_transform, load_clip_features, pad_clip
+from data import _unreadable, clean_caption, eval_transform, load_clip_features
+from video import ClipTransform, decode_frames, pad_clip
 from distributed import cleanup_distributed, gather_objects, is_master, setup_distributed
 from model import Blip2Stage1, Blip2Stage2
 

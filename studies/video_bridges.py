@@ -39,7 +39,7 @@ import runs
 from world import blind_baselines
 from backbones import FrozenViT
 from configurator import apply_overrides, override_args
-from data import ClipTransform, decode_frames
+from video import ClipTransform, decode_frames
 from model import Blip2Config
 from studies import video_world
 from studies.video_world import VIDEO_WORLD, build_video_world

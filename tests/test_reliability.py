@@ -293,7 +293,8 @@ def test_clips_that_are_not_videos_and_containers_without_a_frame_count(tmp_path
     import av
     from PIL import Image
 
-    from data import decode_frames, load_annotations
+    from data import load_annotations
+    from video import decode_frames
 
     Image.new("RGB", (16, 16)).save(tmp_path / "photo.mp4", format="JPEG")
     with pytest.raises(ValueError, match=r"an image \(jpeg_pipe\), not a video"):

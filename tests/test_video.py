@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 import tiny
-from data import ClipFeatureDataset, VideoTextDataset, decode_frames, pad_clip, sample_frame_indices
+from data import ClipFeatureDataset, VideoTextDataset
+from video import decode_frames, pad_clip, sample_frame_indices
 from model import Blip2Stage1, Blip2Stage2
 from pretrained import blip2_stage2_from_hf
 from world import write_video
@@ -257,7 +258,8 @@ def test_clips_in_tar_shards(tmp_path):
     import io
     import tarfile
 
-    from data import ClipTransform, TarShardDataset
+    from data import TarShardDataset
+    from video import ClipTransform
 
     good = open(painted_video(tmp_path / "a.mp4", 8), "rb").read()
     shard = tmp_path / "clips.tar"

@@ -23,7 +23,6 @@ hidden_size = 64
 num_layers = 2
 num_heads = 4
 intermediate_size = 128
-vocab_size = 128  # the video world's BERT tokenizer (127 tokens) + [DEC]
 dropout = 0.0
 embed_dim = 32
 batch_size = 32
