@@ -24,14 +24,25 @@ MODEL_SIZES = ("vit_model", "vit_layers", "vit_kwargs", "image_size", "feature_d
 CHECKPOINT_DEFAULTS = ("vit_pretrained", "bert", "num_frames")
 
 
+def checksum(state):
+    """The checksum a checkpoint carries: of its weights and its optimizer state (backbones.tensor_checksum)."""
+    return tensor_checksum({"model": state.get("model"), "optimizer": state.get("optimizer")})
+
+
+def first_nonfinite_weight(state):
+    """The name of the checkpoint's first weight holding a nan or an inf, or None."""
+    return next((k for k, v in state.get("model", {}).items()
+                 if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()), None)
+
+
 def save_checkpoint(path, state):
     """torch.save(state, path) atomically (metrics.write_atomic): the file at path is either the old checkpoint or
     the complete new one, never half a file, even if the job is killed mid-write. Weights that are not finite are
     never written. The state gets a "checksum" of its weights and optimizer state, which read_checkpoint checks."""
-    for k, v in state.get("model", {}).items():
-        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
-            raise RuntimeError(f"not writing {path}: weight {k} is not finite (nan or inf)")
-    state = {**state, "checksum": tensor_checksum({"model": state.get("model"), "optimizer": state.get("optimizer")})}
+    bad = first_nonfinite_weight(state)
+    if bad is not None:
+        raise RuntimeError(f"not writing {path}: weight {bad} is not finite (nan or inf)")
+    state = {**state, "checksum": checksum(state)}
     write_atomic(path, lambda f: torch.save(state, f), binary=True)
 
 
@@ -42,11 +53,10 @@ def read_checkpoint(path, expect_stage=None):
     if expect_stage is not None and state.get("stage") != expect_stage:
         found = f"a stage-{state['stage']} checkpoint" if "stage" in state else "a checkpoint without a 'stage' entry"
         raise ValueError(f"{path} is {found}, expected stage {expect_stage}")
-    for k, v in state.get("model", {}).items():
-        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
-            raise ValueError(f"{path} holds non-finite weights (nan or inf) in {k}: the run that wrote it diverged")
-    if "checksum" in state and state["checksum"] != tensor_checksum({"model": state.get("model"),
-                                                                     "optimizer": state.get("optimizer")}):
+    bad = first_nonfinite_weight(state)
+    if bad is not None:
+        raise ValueError(f"{path} holds non-finite weights (nan or inf) in {bad}: the run that wrote it diverged")
+    if "checksum" in state and state["checksum"] != checksum(state):
         raise ValueError(f"{path}: its weights or optimizer state do not match the checksum written with them (a bit "
                          f"flipped on disk or in a copy?): not loaded")
     return state

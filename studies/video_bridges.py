@@ -202,6 +202,9 @@ def main(size="full", seeds=(0, 1, 2), data="data/video", out="out/video_bridges
 
 
 if __name__ == "__main__":
-    options = apply_overrides(dict(size="full", seeds=[0, 1, 2], data="data/video", out="out/video_bridges",
-                                   world={}, steps={}), sys.argv[1:])
+    try:
+        options = apply_overrides(dict(size="full", seeds=[0, 1, 2], data="data/video", out="out/video_bridges",
+                                       world={}, steps={}), sys.argv[1:])
+    except ValueError as e:
+        raise SystemExit(f"studies/video_bridges.py: {e}")
     main(**options)
