@@ -17,10 +17,11 @@ INIT_STD = 0.3  # an expressive random LLM, so that a soft prompt can steer it i
 
 
 def close(a, b, tol=1e-5):
-    """a equals b in shape and to tol, elementwise."""
+    """a equals b in shape and to tol, elementwise; relatively where b exceeds 1 (float32's spacing at 512 is 6e-5,
+    so two correct sums of a loss of 512 may differ by more than 1e-5)."""
     assert a.shape == b.shape, (a.shape, b.shape)
     err = (a - b).abs().max().item()
-    assert err <= tol, err
+    assert err <= tol * max(1.0, b.abs().max().item()), (err, b.abs().max().item())
 
 
 def perturb(model, std=0.02, seed=0):
