@@ -299,7 +299,8 @@ def pretrain_llm(llm, tok, pages, steps, batch_size=64, lr=2e-3, seed=0, desc="L
     The loss covers every token after the first BOS."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    # a warmup of 5%, and at least 2 steps (OneCycleLR divides by zero on a warmup shorter than 2 steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=max(0.05, 2 / steps))
     encoded = [sum((tok(s + "\n").input_ids for s in page), []) for page in pages]
     llm.train()
     progress = tqdm(range(steps), desc=desc, mininterval=5, file=sys.stdout)
@@ -340,7 +341,7 @@ def pretrain_vit(vit, image_size, steps, example=scene_example, batch_size=64, l
     classes = example(random.Random(0), image_size)[2]
     head = torch.nn.Linear(vit.num_features, sum(classes))
     opt = torch.optim.AdamW(list(vit.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=max(0.1, 2 / steps))
     tf = eval_transform(image_size)
     vit.train()
     progress = tqdm(range(steps), desc="ViT pretraining", mininterval=5, file=sys.stdout)
@@ -399,8 +400,8 @@ TINY_VIT = dict(patch_size=8, embed_dim=64, depth=3, num_heads=4, mlp_ratio=2.0)
 
 def build_tiny_world(out="data/world", n_train=96, n_val=16, image_size=64, llm_steps=600, seed=0):
     """The tiny world: scenes of one or two objects as JPEG files with train.json, train.jsonl, val.json (captions),
-    val_vqa.json and a tar shard, and tiny backbones (BERT and ViT random, the OPT pretrained briefly on captions, so that a soft prompt
-    can steer it)."""
+    val_vqa.json and a tar shard, and tiny backbones (BERT and ViT random, the OPT pretrained briefly on captions, so
+    that a soft prompt can steer it)."""
     t0 = time.time()
     rng = write_scenes(out, n_train, n_val, image_size, seed, ext="jpg", shard=True, max_objects=2, held_out="val")
     os.replace(os.path.join(out, "val_captions.json"), os.path.join(out, "val.json"))
@@ -461,16 +462,26 @@ def record_build(out, cfg, **facts):
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "quickstart_backbones")
 
 
-def shipped_backbones(cfg, directory=SHIPPED):
-    """The quick start's pretrained LLM and ViT as they ship in the repository (assets/quickstart_backbones: an
-    OPT directory and a timm state dict, a few MB), if they were pretrained with these world settings (those in
-    BACKBONE_SETTINGS); else None. `world.py --quickstart --pretrain=1 --ship=DIR` pretrains them again."""
+def shipped_backbones(cfg, directory=SHIPPED, settings=BACKBONE_SETTINGS):
+    """The pretrained LLM and ViT as they ship in the repository (an OPT directory and a timm state dict, a few MB:
+    assets/quickstart_backbones for the quick start), if they were pretrained with these world settings (those in
+    `settings`); else None. `world.py --quickstart --pretrain=1 --ship=DIR` pretrains the quick start's again."""
     record = os.path.join(directory, "backbones.json")
     if not os.path.isfile(record):
         return None
     with open(record) as f:
         made_with = json.load(f)["config"]
-    return directory if all(made_with.get(k) == cfg[k] for k in BACKBONE_SETTINGS) else None
+    return directory if all(made_with.get(k) == cfg[k] for k in settings) else None
+
+
+def copy_shipped_backbones(shipped, out):
+    """The shipped LLM and ViT into the world `out`; returns what their pretraining recorded (final losses, time)."""
+    shutil.copytree(os.path.join(shipped, "llm"), os.path.join(out, "llm"), dirs_exist_ok=True)
+    shutil.copy(os.path.join(shipped, "vit.pth"), os.path.join(out, "vit.pth"))
+    with open(os.path.join(shipped, "backbones.json")) as f:
+        facts = {k: v for k, v in json.load(f).items() if k != "config"}
+    print(f"world: the LLM and the ViT from {shipped} (pretrained with these settings)")
+    return facts
 
 
 def build_quickstart_world(out="data/quickstart", pretrain=False, shipped=SHIPPED, **overrides):
@@ -490,11 +501,7 @@ def build_quickstart_world(out="data/quickstart", pretrain=False, shipped=SHIPPE
     shipped = None if pretrain else shipped_backbones(cfg, shipped)
     if shipped:
         write_bert(out, cfg["seed"], bert_width=128, bert_layers=4)
-        shutil.copytree(os.path.join(shipped, "llm"), os.path.join(out, "llm"), dirs_exist_ok=True)
-        shutil.copy(os.path.join(shipped, "vit.pth"), os.path.join(out, "vit.pth"))
-        with open(os.path.join(shipped, "backbones.json")) as f:
-            facts = {k: v for k, v in json.load(f).items() if k != "config"}
-        print(f"world: the LLM and the ViT from {shipped} (pretrained with these settings)")
+        facts = copy_shipped_backbones(shipped, out)
     else:
         with open(os.path.join(out, "corpus_captions.txt")) as f, open(os.path.join(out, "corpus_qa.txt")) as g:
             corpus = f.read().splitlines() + g.read().splitlines()
@@ -519,8 +526,8 @@ def save_shipped_backbones(out, cfg, directory=SHIPPED):
     with open(os.path.join(out, "world.json")) as f:
         built = json.load(f)
     with open(os.path.join(directory, "backbones.json"), "w") as f:
-        json.dump({"config": cfg, **{k: built[k] for k in ("llm_loss", "vit_loss", "pretrain_seconds")}}, f,
-                  indent=1)
+        json.dump({"config": cfg, **{k: built[k] for k in ("llm_loss", "vit_loss", "pretrain_seconds") if k in built}},
+                  f, indent=1)
     print(f"wrote the pretrained LLM and ViT to {directory}")
 
 

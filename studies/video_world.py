@@ -5,7 +5,8 @@ the frames' tokens together), with and without P-Former, compared with a single-
 
     python -m studies.video_world                 # the full size: out/video_world/results.md
     python -m studies.video_world --size=small    # the tests' size (tests/test_video_world.py)
-    options: --size=full|small --data=DIR (the world) --out=DIR
+    python -m studies.video_world --size=small --ship=assets/video_world_backbones   # pretrain the shipped ones again
+    options: --size=full|small --data=DIR (the world) --out=DIR --ship=DIR
 
 Run from the repository root (the train scripts and eval.py run as steps, runs.py: reused when done, resumed when
 interrupted). The world is built once under --data (clips as H.264 mp4 files, LAVIS video captions, MSRVTT-QA's
@@ -24,8 +25,9 @@ from tqdm import tqdm
 
 import runs
 from configurator import apply_overrides, override_args
-from world import (COLORS, COUNTS, SHAPES, SIZES, TINY_VIT, WORDS, built_already, blind_baselines, llm_pages,
-                   qa_sentence, record_build, render_scene, write_backbones, write_video)
+from world import (COLORS, COUNTS, SHAPES, SIZES, TINY_VIT, WORDS, blind_baselines, built_already,
+                   copy_shipped_backbones, llm_pages, qa_sentence, record_build, render_scene, save_shipped_backbones,
+                   shipped_backbones, write_backbones, write_bert, write_video)
 
 # -----------------------------------------------------------------------------
 # the video world: clips whose caption needs more than one frame
@@ -122,29 +124,43 @@ def write_clips(out, n_train, n_test, n_text, n_frames=8, size=32, seed=0):
 
 VIDEO_WORLD = dict(n_train=3000, n_test=100, n_text=3000, n_frames=8, image_size=48, llm_width=64, llm_layers=2,
                    llm_steps=1500, vit_steps=300, seed=0)
+# the LLM and the ViT of the tests' world (the small size's) ship in assets/video_world_backbones: pretraining them
+# would take most of the test's time. The text clips follow the pairs' and test clips in one random stream, so every
+# setting counts. `--size=small --ship=DIR` pretrains them again.
+VIDEO_BACKBONE_SETTINGS = tuple(VIDEO_WORLD)
+VIDEO_SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                             "video_world_backbones")
 
 
-def build_video_world(out="data/video", **overrides):
+def build_video_world(out="data/video", pretrain=False, shipped=VIDEO_SHIPPED, **overrides):
     """The video world under `out`, built once: clips, a BERT and an OPT that read its text (pages: a clip's
     caption, then questions about it), and a ViT (TINY_VIT's shape) pretrained on single frames to name the moving
-    object and where it is: what a frozen image encoder knows, and nothing about motion."""
+    object and where it is: what a frozen image encoder knows, and nothing about motion. The LLM and the ViT are the
+    shipped ones when they were pretrained with these settings (unless `pretrain`), else pretrained here."""
     cfg = {**VIDEO_WORLD, **overrides}
     if built_already(out, cfg, "video world"):
         return cfg
     t0 = time.time()
     text = write_clips(out, cfg["n_train"], cfg["n_test"], cfg["n_text"], cfg["n_frames"], cfg["image_size"],
                        cfg["seed"])
-    pages = llm_pages(text, random.Random(cfg["seed"]), captions_of=clip_captions, questions_of=clip_questions)
-    with open(os.path.join(out, "corpus_captions.txt")) as f, open(os.path.join(out, "corpus_qa.txt")) as g:
-        corpus = f.read().splitlines() + g.read().splitlines()
-    llm_loss, vit_loss = write_backbones(
-        out, corpus, pages, bert_width=64, bert_layers=2, llm_width=cfg["llm_width"], llm_layers=cfg["llm_layers"],
-        llm_steps=cfg["llm_steps"], vit_kwargs=TINY_VIT, image_size=cfg["image_size"], vit_steps=cfg["vit_steps"],
-        seed=cfg["seed"], words=VIDEO_WORDS, example=frame_example)
+    shipped = None if pretrain else shipped_backbones(cfg, shipped, VIDEO_BACKBONE_SETTINGS)
+    if shipped:
+        write_bert(out, cfg["seed"], bert_width=64, bert_layers=2, words=VIDEO_WORDS)
+        facts = copy_shipped_backbones(shipped, out)
+    else:
+        pages = llm_pages(text, random.Random(cfg["seed"]), captions_of=clip_captions, questions_of=clip_questions)
+        with open(os.path.join(out, "corpus_captions.txt")) as f, open(os.path.join(out, "corpus_qa.txt")) as g:
+            corpus = f.read().splitlines() + g.read().splitlines()
+        llm_loss, vit_loss = write_backbones(
+            out, corpus, pages, bert_width=64, bert_layers=2, llm_width=cfg["llm_width"],
+            llm_layers=cfg["llm_layers"], llm_steps=cfg["llm_steps"], vit_kwargs=TINY_VIT,
+            image_size=cfg["image_size"], vit_steps=cfg["vit_steps"], seed=cfg["seed"], words=VIDEO_WORDS,
+            example=frame_example)
+        facts = dict(llm_loss=llm_loss, vit_loss=vit_loss, pretrain_seconds=time.time() - t0)
     seconds = time.time() - t0
-    print(f"video world: {cfg['n_train']} training and {cfg['n_test']} test clips, LLM {llm_loss:.3f}, ViT "
-          f"{vit_loss:.3f}, {seconds:.0f}s")
-    record_build(out, cfg, seconds=seconds, llm_loss=llm_loss, vit_loss=vit_loss)
+    print(f"video world: {cfg['n_train']} training and {cfg['n_test']} test clips, LLM {facts['llm_loss']:.3f}, "
+          f"ViT {facts['vit_loss']:.3f}, {seconds:.0f}s")
+    record_build(out, cfg, seconds=seconds, **facts)
     return cfg
 
 
@@ -153,8 +169,8 @@ def build_video_world(out="data/video", **overrides):
 
 STUDY_SIZES = {
     "full": dict(world={}, pformer=300, stage1=150, stage2=600, log_interval=50, captions=True),
-    # the tests' size: half the clips (a few hundred were too few to learn the direction), fewer LLM steps, stage 2
-    # alone from scratch, three runs, video QA alone
+    # the tests' size: half the clips (a few hundred were too few to learn the direction), fewer LLM steps (the
+    # shipped backbones), stage 2 alone from scratch, three runs, video QA alone
     "small": dict(world=dict(n_train=1500, n_test=60, llm_steps=800), pformer=60, stage1=0, stage2=400,
                   log_interval=10, captions=False),
 }
@@ -228,11 +244,17 @@ def main(size="full", data="data/video", out="out/video_world"):
 
 
 if __name__ == "__main__":
-    options = dict(size="full", data="data/video", out="out/video_world")
+    options = dict(size="full", data="data/video", out="out/video_world", ship="")
     try:
         apply_overrides(options, sys.argv[1:])
         if options["size"] not in STUDY_SIZES:
             raise ValueError(f"--size={options['size']}: expected one of {', '.join(STUDY_SIZES)}")
     except ValueError as e:
-        raise SystemExit(f"studies/video_world.py: {e} (options: --size=full|small, --data=DIR, --out=DIR)")
-    main(**options)
+        raise SystemExit(f"studies/video_world.py: {e} (options: --size=full|small, --data=DIR, --out=DIR, "
+                         "--ship=DIR)")
+    ship = options.pop("ship")
+    if ship:  # the world of this size with its LLM and ViT pretrained here, which then become the shipped ones
+        save_shipped_backbones(options["data"], build_video_world(options["data"], pretrain=True,
+                                                                  **STUDY_SIZES[options["size"]]["world"]), ship)
+    else:
+        main(**options)

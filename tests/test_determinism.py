@@ -1,6 +1,7 @@
 """The same seed gives the same numbers: building the quick start's world twice gives the same backbones, byte for
-byte, and so does building it from backbones shipped by `world.py --quickstart --ship=DIR`; a stage-1 run (whose ITM
-draws some negative images twice) repeated gives the same weights, bit for bit, on every thread count torch uses."""
+byte, and so does building it from backbones shipped by `world.py --quickstart --ship=DIR` (the video world's too); a
+stage-1 run (whose ITM draws some negative images twice) repeated gives the same weights, bit for bit, on every
+thread count torch uses."""
 import os
 
 import pytest
@@ -50,3 +51,22 @@ def test_stage1_twice_gives_the_same_weights(tiny_world, tmp_path):
     assert not different, different
     assert os.path.getsize(f"{tmp_path}/a/log.jsonl") > 0
 
+
+
+def test_video_world_ships_its_backbones(tmp_path, capsys):
+    """`python -m studies.video_world --ship=DIR`'s path at a tiny size: the world's pretrained LLM and ViT, shipped,
+    make the same world again; another setting pretrains its own. The repository ships the tests' world's."""
+    from studies import video_world as vw
+
+    tiny = dict(n_train=12, n_test=4, n_text=40, llm_steps=20, vit_steps=10)
+    vw.build_video_world(f"{tmp_path}/a", pretrain=True, **tiny)
+    world.save_shipped_backbones(f"{tmp_path}/a", {**vw.VIDEO_WORLD, **tiny}, f"{tmp_path}/shipped")
+    capsys.readouterr()
+    vw.build_video_world(f"{tmp_path}/b", shipped=f"{tmp_path}/shipped", **tiny)
+    assert f"the LLM and the ViT from {tmp_path}/shipped" in capsys.readouterr().out
+    assert world.file_hashes(f"{tmp_path}/b") == world.file_hashes(f"{tmp_path}/a")
+    assert open(f"{tmp_path}/a/test_qa.json").read() == open(f"{tmp_path}/b/test_qa.json").read()
+    other = {**vw.VIDEO_WORLD, **tiny, "n_train": 13}  # the text clips follow the pairs' clips: another corpus
+    assert world.shipped_backbones(other, f"{tmp_path}/shipped", vw.VIDEO_BACKBONE_SETTINGS) is None
+    small = {**vw.VIDEO_WORLD, **vw.STUDY_SIZES["small"]["world"]}
+    assert world.shipped_backbones(small, vw.VIDEO_SHIPPED, vw.VIDEO_BACKBONE_SETTINGS) == vw.VIDEO_SHIPPED
