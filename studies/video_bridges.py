@@ -181,8 +181,8 @@ def main(size="full", seeds=(0, 1, 2), data="data/video", out="out/video_bridges
     video_world.train("P-Former stage 0", "train_pformer.py", f"{out}/pformer", S["pformer"], data, timings,
                       f"--log_interval={S['log_interval']}")
     scores, dirs = {}, {}
-    for bridge, arm, stage1_args, stage2_args in ARMS:
-        for seed in seeds:
+    for seed in seeds:  # seed by seed: a study stopped early has whole seeds done, reused when it runs again
+        for bridge, arm, stage1_args, stage2_args in ARMS:
             d = train_arm(bridge, arm, stage1_args, stage2_args, seed, width, S, data, out, timings)
             scores.setdefault(bridge, {}).setdefault(arm, {})[seed] = evaluate_arm(f"{bridge}, {arm}, seed {seed}", d,
                                                                                  data, timings)
