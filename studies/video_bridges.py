@@ -45,7 +45,9 @@ from studies import video_world
 from studies.video_world import VIDEO_WORLD, build_video_world
 
 SIZES = {  # world.py --video settings, the steps of each stage, the log interval
-    "full": dict(world={}, pformer=300, stage1=150, stage2=600, log_interval=50),
+    # P-Former stage 0 of 2000 steps: after 300 (the video world's) its prompts were far from reproducing their
+    # captions, and the alignment pulled the Q-Former toward them
+    "full": dict(world={}, pformer=2000, stage1=150, stage2=600, log_interval=50),
     "small": dict(world=dict(n_train=96, n_test=8, n_text=200, llm_steps=40, vit_steps=20), pformer=10, stage1=6,
                   stage2=10, log_interval=2),
 }
