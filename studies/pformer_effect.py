@@ -10,7 +10,7 @@ backbones pretrained again), so that a verdict can be checked against a rebuild 
     python -m studies.pformer_effect --split=val --n_pairs=[100] --seeds=[0] --stage2=150   # a choice, on validation
     python -m studies.pformer_effect --diagnose # what the prompts carry: {out}/w0/diagnosis.md, .json
     python -m studies.pformer_effect --size=small   # the tests' size (tests/test_pformer_effect.py)
-    options: --worlds=[0,1] --n_pairs=[100,1900] --seeds=[0,1,2] --stage1=150 --stage2=300 --pformer=300
+    options: --worlds=[0,1] --n_pairs=[100,1900] --seeds=[0,1,2] --stage1=150 --stage2=300 --pformer=2000
              --out=DIR --data=DIR --size=full|small --split=test|val
 
 Each difference between the arms is paired (same world, N and seed: the same data order and initial weights) and
@@ -45,9 +45,9 @@ from metrics import VQA_PROMPT
 from model import nearest_embeddings
 
 SIZES = {  # the world, validation scenes, grid, steps per stage, arguments of every stage, caption scorers
-    "full": dict(world={}, worlds=[0, 1], n_val=100, n_pairs=[100, 1900], seeds=[0, 1, 2], pformer=300,
+    "full": dict(world={}, worlds=[0, 1], n_val=100, n_pairs=[100, 1900], seeds=[0, 1, 2], pformer=2000,
                  stage1=150, stage2=300, args=["--log_interval=20", "--eval_interval=50"], scorers="['BLEU','CIDEr']",
-                 diag=dict(steps=[100, 1000], text_scenes=[200, 2000])),
+                 diag=dict(steps=[300, 1000], text_scenes=[200, 2000])),
     "small": dict(world=dict(n_train=40, n_test=8, n_text=300, vit_steps=8, llm_width=64, llm_layers=2,
                              llm_steps=40, llm_batch=32, llm_lr=0.002, llm_questions=2),
                   worlds=[0, 1], n_val=8, n_pairs=[16], seeds=[0], pformer=10, stage1=8, stage2=10,
