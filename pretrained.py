@@ -229,7 +229,8 @@ def blip2_stage2_from_hf(src, tokenizer=None, dtype="float32", **config_override
     config = _config_from_hf(hf.config, vit_dtype=dtype, llm_dtype=dtype, llm_model=source, **config_overrides)
     # the LLM module is reused, in the frozen weights' dtype (an in-memory model may come in another)
     llm = wrap_llm(hf.language_model.to(DTYPES[dtype]), tokenizer, prompt=config.prompt,
-                   max_txt_len=config.max_txt_len, t5_prefix_split=config.t5_prefix_split, dropout=config.llm_dropout)
+                   max_txt_len=config.max_txt_len, t5_prefix_split=config.t5_prefix_split, dropout=config.llm_dropout,
+                   prompt_suffix=config.llm_prompt_suffix)
     return _load_from_hf(Blip2Stage2(config, llm=llm), hf, source)
 
 
@@ -302,6 +303,9 @@ def unexportable(model):
     if c.num_frames > 1:
         return (f"this is a clip model (num_frames={c.num_frames}): its learned frame embedding has no place in "
                 f"Hugging Face's BLIP-2, which reads one image")
+    if isinstance(model, Blip2Stage2) and c.llm_prompt_suffix:
+        return (f"its soft prompt ends with llm_prompt_suffix={c.llm_prompt_suffix!r}, before BOS; Hugging Face's "
+                f"BLIP-2 puts BOS right after the image tokens")
     vit = model.visual.vit
     eva_like = (type(vit).__name__ == "Eva" and vit.rope is None and isinstance(vit.norm_pre, nn.Identity)
                 and vit.num_prefix_tokens == 1 and all(isinstance(b.mlp.act, nn.GELU) and b.mlp.act.approximate == "none"

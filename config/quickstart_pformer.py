@@ -17,6 +17,9 @@ embed_dim = 64
 max_txt_len = 32
 llm_model = "data/quickstart/llm"
 llm_dtype = "float32"
+# the world's LLM read pages of documents each ending with "\n" before the next one's BOS: the soft prompt stands
+# for a document (the caption) and ends as they do, in training and generation alike
+llm_prompt_suffix = "\n"
 batch_size = 32
 max_steps = 2000
 lr_decay_steps = 2000

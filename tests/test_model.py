@@ -468,6 +468,29 @@ def test_stage2_text_prompt_is_joined_and_hidden_as_lavis_does():
     assert torch.equal(embeds[0, 3:3 + len(joined)], llm.embed(torch.tensor(joined)))
 
 
+@pytest.mark.parametrize("text", ["opt", "t5"])
+def test_prompt_suffix_ends_the_soft_prompt_in_the_loss_and_in_generation(text):
+    """llm_prompt_suffix: its token embeddings follow the soft prompt, before BOS: the loss and the generated tokens
+    are those of a plain LLM given [soft prompt; suffix embeddings] (and a soft-prompt mask grows by the suffix)."""
+    from world import byte_tokenizer
+
+    hf, tok = tiny.hf_blip2(text)
+    tok = byte_tokenizer(t5=text == "t5")
+    plain, suffixed = wrap_llm(hf.language_model, tok), wrap_llm(hf.language_model, tok, prompt_suffix="\n")
+    soft = torch.randn(2, 3, plain.dim, generator=torch.Generator().manual_seed(0))
+    nl = torch.tensor(tok("\n", add_special_tokens=False).input_ids)
+    joined = torch.cat([soft, plain.embed(nl)[None].expand(2, -1, -1)], dim=1)  # B x (Q + 1) x d
+    assert suffixed.suffix_ids == nl.tolist() and len(nl) == 1
+    texts = ["red square", "a big circle"]
+    close(suffixed.lm_loss(soft, texts), plain.lm_loss(joined, texts))
+    assert (suffixed.lm_loss(soft, texts) - plain.lm_loss(soft, texts)).abs() > 1e-4  # the suffix is read
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    got = suffixed.generate_tokens(soft, prompt="", num_beams=1, max_new_tokens=5, prompt_mask=mask)
+    want = plain.generate_tokens(joined, prompt="", num_beams=1, max_new_tokens=5,
+                                 prompt_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1))
+    assert torch.equal(got, want)
+
+
 def test_each_llm_gets_its_own_path():
     """wrap_llm reads the HF config: FlanT5 gets the encoder-decoder path (stops at </s>, prompts padded right, the
     prefix split option), a causal LM the decoder-only one (stops at "\n"); a class given the other kind refuses."""
