@@ -248,7 +248,6 @@ class FrozenLLM(Frozen):
         self._keeps_logits = "logits_to_keep" in inspect.signature(hf_model.forward).parameters
         self._takes_4d_mask = hf_model.config._attn_implementation in ("sdpa", "eager")
         self.prompt, self.max_txt_len, self.dropout = prompt.strip(), max_txt_len, dropout
-        self.prompt_suffix = prompt_suffix
         self.suffix_ids = tokenizer(prompt_suffix, add_special_tokens=False).input_ids if prompt_suffix else []
 
     @staticmethod

@@ -425,6 +425,8 @@ QUICKSTART_WORLD = dict(n_train=2000, n_test=100, n_text=20000, image_size=48, v
                         llm_questions=6, seed=0)
 
 
+QUICKSTART_BERT = dict(bert_width=128, bert_layers=4)  # random, so made on the spot, shipped backbones or not
+
 # what the quick start's backbones depend on: the scenes of the image-text pairs and the test scenes do not matter
 BACKBONE_SETTINGS = ("seed", "n_text", "image_size", "vit_width", "vit_depth", "vit_steps", "llm_width", "llm_layers",
                      "llm_steps", "llm_batch", "llm_lr", "llm_questions")
@@ -500,14 +502,14 @@ def build_quickstart_world(out="data/quickstart", pretrain=False, shipped=SHIPPE
           f"scenes ({time.time() - t0:.0f}s)")
     shipped = None if pretrain else shipped_backbones(cfg, shipped)
     if shipped:
-        write_bert(out, cfg["seed"], bert_width=128, bert_layers=4)
+        write_bert(out, cfg["seed"], **QUICKSTART_BERT)
         facts = copy_shipped_backbones(shipped, out)
     else:
         with open(os.path.join(out, "corpus_captions.txt")) as f, open(os.path.join(out, "corpus_qa.txt")) as g:
             corpus = f.read().splitlines() + g.read().splitlines()
         llm_loss, vit_loss = write_backbones(
             out, corpus, llm_pages(text_scenes, random.Random(cfg["seed"]), n_questions=cfg["llm_questions"]),
-            bert_width=128, bert_layers=4, llm_width=cfg["llm_width"], llm_layers=cfg["llm_layers"],
+            **QUICKSTART_BERT, llm_width=cfg["llm_width"], llm_layers=cfg["llm_layers"],
             llm_steps=cfg["llm_steps"], vit_kwargs=quickstart_vit_kwargs(cfg), image_size=cfg["image_size"],
             vit_steps=cfg["vit_steps"], seed=cfg["seed"], llm_batch=cfg["llm_batch"], llm_lr=cfg["llm_lr"])
         facts = dict(llm_loss=llm_loss, vit_loss=vit_loss, pretrain_seconds=time.time() - t0)

@@ -128,6 +128,7 @@ VIDEO_WORLD = dict(n_train=3000, n_test=100, n_text=3000, n_frames=8, image_size
 # would take most of the test's time. The text clips follow the pairs' and test clips in one random stream, so every
 # setting counts. `--size=small --ship=DIR` pretrains them again.
 VIDEO_BACKBONE_SETTINGS = tuple(VIDEO_WORLD)
+VIDEO_BERT = dict(bert_width=64, bert_layers=2)  # random, so made on the spot, shipped backbones or not
 VIDEO_SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
                              "video_world_backbones")
 
@@ -145,14 +146,14 @@ def build_video_world(out="data/video", pretrain=False, shipped=VIDEO_SHIPPED, *
                        cfg["seed"])
     shipped = None if pretrain else shipped_backbones(cfg, shipped, VIDEO_BACKBONE_SETTINGS)
     if shipped:
-        write_bert(out, cfg["seed"], bert_width=64, bert_layers=2, words=VIDEO_WORDS)
+        write_bert(out, cfg["seed"], **VIDEO_BERT, words=VIDEO_WORDS)
         facts = copy_shipped_backbones(shipped, out)
     else:
         pages = llm_pages(text, random.Random(cfg["seed"]), captions_of=clip_captions, questions_of=clip_questions)
         with open(os.path.join(out, "corpus_captions.txt")) as f, open(os.path.join(out, "corpus_qa.txt")) as g:
             corpus = f.read().splitlines() + g.read().splitlines()
         llm_loss, vit_loss = write_backbones(
-            out, corpus, pages, bert_width=64, bert_layers=2, llm_width=cfg["llm_width"],
+            out, corpus, pages, **VIDEO_BERT, llm_width=cfg["llm_width"],
             llm_layers=cfg["llm_layers"], llm_steps=cfg["llm_steps"], vit_kwargs=TINY_VIT,
             image_size=cfg["image_size"], vit_steps=cfg["vit_steps"], seed=cfg["seed"], words=VIDEO_WORDS,
             example=frame_example)
