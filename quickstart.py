@@ -54,12 +54,15 @@ def results_table(results, blind, oracle, timings, total):
     rows += [("the frozen LLM reading the true caption as text, in place of the soft prompt", oracle["overall"], None)]
     lines = ["| model | zero-shot VQA accuracy (%) | caption CIDEr |", "|---|---|---|"]
     lines += [f"| {n} | {v:.1f} | {'' if c is None else f'{c:.3f}'} |" for n, v, c in rows]
-    types = sorted(k for k in oracle if k not in ("overall", "scored", "missing", "empty"))
+    types = sorted(k for k in oracle if k not in ("overall", "scored", "missing", "empty", "color_by_objects"))
     lines += ["", "| VQA accuracy by question type (%) | " + " | ".join(types) + " |", "|---" * (len(types) + 1) + "|"]
     lines += ["| blind: most frequent answer to each question | " + " | ".join(
         f"{blind['answer per question'][t]:.1f}" for t in types) + " |"]
     lines += [f"| {n} | " + " | ".join(f"{r['vqa'][t]:.1f}" for t in types) + " |" for n, r in results.items()]
     lines += ["| the LLM reading the true caption | " + " | ".join(f"{oracle[t]:.1f}" for t in types) + " |"]
+    lines += ["", "The LLM reading the true caption, colour questions by objects in the scene (chance with the scene's "
+                  "colours known, their shapes not: 100 / 50 / 33): " +
+              " / ".join(f"{n} object{'s' * (n != '1')} {v:.1f}" for n, v in oracle["color_by_objects"].items())]
     attrs = ["color", "shape", "size", "count"]
     lines += ["", "| objects named right in the captions (%) | colour | shape | size | number of objects |",
               "|---|---|---|---|---|"]

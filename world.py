@@ -599,7 +599,25 @@ def true_caption_vqa(data, questions):
                                   prompt=[VQA_PROMPT.format(q["question"]) for q in chunk],
                                   num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=0.0)
         answers.update(zip([q["question_id"] for q in chunk], llm.decode(out)))
-    return M.generic_vqa_scores(answers, questions)
+    scores = M.generic_vqa_scores(answers, questions)
+    scores["color_by_objects"] = accuracy_by_objects(answers, questions, scenes, "color")
+    return scores
+
+
+def accuracy_by_objects(answers, questions, scenes, kind):
+    """Percent of the `kind` questions answered right, by the number of objects in the question's scene:
+    {"1": ..., "2": ..., "3": ...}. Colour questions name a shape and ask for the colour written just before it in
+    the caption: with one object the colour can be read off without binding it to the shape; with two or three,
+    an LLM that does not bind them scores 50% and 33%. answers: {question_id: text}; scenes: {image: scene}."""
+    import metrics as M
+
+    tally = {}
+    for q in questions:
+        if q["answer_type"] == kind:
+            right = M.normalize_vqa_answer(answers.get(q["question_id"], "")) == M.normalize_vqa_answer(q["answers"][0])
+            t = tally.setdefault(str(len(scenes[q["image"]])), [0, 0])
+            t[0], t[1] = t[0] + right, t[1] + 1
+    return {n: 100.0 * r / k for n, (r, k) in sorted(tally.items())}
 
 
 def caption_attributes(captions_file, data, ann="test_captions.json"):
