@@ -21,8 +21,8 @@ validation loss, and they get questions as the test scenes do (--split=val evalu
 
 Run from the repository root. Every stage is one of the train scripts with its config/quickstart_*.py, run as a
 subprocess (runs.py); everything done is reused when what produced it is unchanged (the settings and the identities of
-the world and the parent checkpoints); an interrupted stage resumes. World 0 takes the quick start's shipped
-backbones; any other world pretrains its own (world.py --quickstart --seed=w), the longest step by far.
+the world and the parent checkpoints); an interrupted stage resumes. The world of the quick start's seed (1) takes its
+shipped backbones; any other world pretrains its own (world.py --quickstart --seed=w), the longest step by far.
 """
 import json
 import os
