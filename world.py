@@ -613,13 +613,13 @@ def accuracy_by_objects(answers, questions, scenes, kind):
     an LLM that does not bind them scores 50% and 33%. answers: {question_id: text}; scenes: {image: scene}."""
     import metrics as M
 
-    tally = {}
+    by_objects = {}
     for q in questions:
         if q["answer_type"] == kind:
-            right = M.normalize_vqa_answer(answers.get(q["question_id"], "")) == M.normalize_vqa_answer(q["answers"][0])
-            t = tally.setdefault(str(len(scenes[q["image"]])), [0, 0])
-            t[0], t[1] = t[0] + right, t[1] + 1
-    return {n: 100.0 * r / k for n, (r, k) in sorted(tally.items())}
+            by_objects.setdefault(str(len(scenes[q["image"]])), []).append(q)
+    # eval.py's scorer on each group; a question left unanswered counts as wrong
+    return {n: M.generic_vqa_scores({q["question_id"]: answers.get(q["question_id"], "") for q in group}, group)
+            ["overall"] for n, group in sorted(by_objects.items())}
 
 
 def caption_attributes(captions_file, data, ann="test_captions.json"):
