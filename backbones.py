@@ -223,8 +223,10 @@ class FrozenLLM(Frozen):
     model's config. Frozen; in eval mode unless `dropout` (the official code leaves OPT in train mode, so its dropout
     0.1 is on in the losses). Computes in its weights' own dtype whatever its caller's autocast.
     `prompt`: a text prompt after the soft prompt (e.g. "a photo of"); `max_txt_len`: text tokens kept.
-    `prompt_suffix`: text whose token embeddings end the soft prompt, before BOS, in the loss and in generation alike
-    (default none, as the papers; the quick start's LLM ends every document of its pages with "\\n").
+    `prompt_prefix` and `prompt_suffix`: texts whose token embeddings come before and after the soft prompt, in the
+    loss and in generation alike (default none, as the papers: the soft prompt is followed by BOS directly). The
+    quick start's LLM read only pages of documents "</s> sentence \\n", so there the soft prompt stands where a
+    sentence stands: prefix "</s>", suffix "\\n".
 
     Lengths in the shape comments: Q soft-prompt vectors; P text-prompt tokens (BOS, where the tokenizer adds one,
     and the text prompt: given, not predicted; none without a text prompt, BOS then being the first target, as in
@@ -233,7 +235,8 @@ class FrozenLLM(Frozen):
     is_encoder_decoder = False  # as Hugging Face's configs name it; FrozenT5LLM's is True
     prompt_padding_side = "left"  # generation: left padding keeps every text prompt right next to what follows it
 
-    def __init__(self, hf_model, tokenizer, prompt="", max_txt_len=32, dropout=False, prompt_suffix=""):
+    def __init__(self, hf_model, tokenizer, prompt="", max_txt_len=32, dropout=False, prompt_prefix="",
+                 prompt_suffix=""):
         super().__init__()
         if bool(hf_model.config.is_encoder_decoder) != self.is_encoder_decoder:
             raise ValueError(f"{type(self).__name__} cannot wrap {type(hf_model).__name__} (is_encoder_decoder="
@@ -248,7 +251,8 @@ class FrozenLLM(Frozen):
         self._keeps_logits = "logits_to_keep" in inspect.signature(hf_model.forward).parameters
         self._takes_4d_mask = hf_model.config._attn_implementation in ("sdpa", "eager")
         self.prompt, self.max_txt_len, self.dropout = prompt.strip(), max_txt_len, dropout
-        self.suffix_ids = tokenizer(prompt_suffix, add_special_tokens=False).input_ids if prompt_suffix else []
+        self.prefix_ids, self.suffix_ids = [tokenizer(text, add_special_tokens=False).input_ids if text else []
+                                            for text in (prompt_prefix, prompt_suffix)]
 
     @staticmethod
     def end_of_text_id(tokenizer):
@@ -282,16 +286,18 @@ class FrozenLLM(Frozen):
         return self.tokenizer(texts, padding="longest", truncation=max_length is not None, max_length=max_length,
                               return_tensors="pt")
 
-    def end_soft_prompt(self, prompt_embeds, prompt_mask=None):
-        """The soft prompt followed by prompt_suffix's token embeddings (B x (Q + S) x d_LLM) and its mask (None
-        stays None); unchanged without a suffix."""
-        if not self.suffix_ids:
+    def frame_soft_prompt(self, prompt_embeds, prompt_mask=None):
+        """The soft prompt between prompt_prefix's and prompt_suffix's token embeddings, B x (F + Q + S) x d_LLM,
+        and its mask (None stays None); unchanged without them."""
+        if not self.prefix_ids and not self.suffix_ids:
             return prompt_embeds, prompt_mask
-        ids = torch.tensor(self.suffix_ids, device=prompt_embeds.device)
-        suffix = self.embed(ids)[None].expand(prompt_embeds.shape[0], -1, -1).to(prompt_embeds.dtype)  # B x S x d
-        if prompt_mask is not None:
-            prompt_mask = torch.cat([prompt_mask, prompt_mask.new_ones(suffix.shape[:2])], dim=1)
-        return torch.cat([prompt_embeds, suffix], dim=1), prompt_mask
+        B = prompt_embeds.shape[0]
+        prefix, suffix = [self.embed(torch.tensor(ids, device=prompt_embeds.device, dtype=torch.long))[None]
+                          .expand(B, -1, -1).to(prompt_embeds.dtype) for ids in (self.prefix_ids, self.suffix_ids)]
+        if prompt_mask is not None:  # B x F, B x S: real
+            prompt_mask = torch.cat([prompt_mask.new_ones(prefix.shape[:2]), prompt_mask,
+                                     prompt_mask.new_ones(suffix.shape[:2])], dim=1)
+        return torch.cat([prefix, prompt_embeds, suffix], dim=1), prompt_mask
 
     def with_soft_prompt(self, prompt_embeds, tokens, prompt_mask=None):
         """[soft prompt; embedded tokens] and its attention mask [prompt_mask, or all 1] + the tokens' mask.
@@ -321,7 +327,7 @@ class FrozenLLM(Frozen):
     def lm_loss(self, prompt_embeds, texts):
         """The LM loss of `texts` after the soft prompt (B x Q x d_LLM): token-level cross-entropy of each token
         given those before it, mean over the batch's targets."""
-        prompt_embeds = self.end_soft_prompt(prompt_embeds)[0]  # Q: the soft prompt and its suffix from here on
+        prompt_embeds = self.frame_soft_prompt(prompt_embeds)[0]  # Q: the framed soft prompt from here on
         with self.autocast(prompt_embeds.device):
             inputs = self.inputs(prompt_embeds, texts)
             labels = inputs.pop("labels")  # B x L
@@ -348,7 +354,7 @@ class FrozenLLM(Frozen):
         returned. prompt_mask (B x Q, 1 = real) hides soft-prompt vectors, e.g. those of a clip's padded frames."""
         prompt = self.prompt if prompt is None else prompt
         prompts = [prompt] * prompt_embeds.shape[0] if isinstance(prompt, str) else list(prompt)
-        prompt_embeds, prompt_mask = self.end_soft_prompt(prompt_embeds, prompt_mask)
+        prompt_embeds, prompt_mask = self.frame_soft_prompt(prompt_embeds, prompt_mask)
         tokens = self.tokenize(prompts, padding_side=self.prompt_padding_side)  # B x P
         with self.autocast(prompt_embeds.device):
             embeds, attn = self.with_soft_prompt(prompt_embeds, tokens, prompt_mask)  # B x (Q + P) x d_LLM
@@ -374,8 +380,8 @@ class FrozenT5LLM(FrozenLLM):
     prompt_padding_side = "right"  # the encoder reads the whole prompt at once; its padding is masked
 
     def __init__(self, hf_model, tokenizer, prompt="", max_txt_len=32, dropout=False, prefix_split=False,
-                 prompt_suffix=""):
-        super().__init__(hf_model, tokenizer, prompt, max_txt_len, dropout, prompt_suffix)
+                 prompt_prefix="", prompt_suffix=""):
+        super().__init__(hf_model, tokenizer, prompt, max_txt_len, dropout, prompt_prefix, prompt_suffix)
         self.prefix_split = prefix_split
 
     @staticmethod
@@ -398,7 +404,7 @@ class FrozenT5LLM(FrozenLLM):
     def lm_loss(self, prompt_embeds, texts):
         """The LM loss of the decoder's targets given the soft prompt (B x Q x d_LLM) and the prefix: token-level
         cross-entropy, mean over the batch's targets."""
-        prompt_embeds = self.end_soft_prompt(prompt_embeds)[0]
+        prompt_embeds = self.frame_soft_prompt(prompt_embeds)[0]
         with self.autocast(prompt_embeds.device):
             inputs = self.inputs(prompt_embeds, texts)
             if self._takes_4d_mask:  # no host sync: the encoder's keys and the decoder's, as 4-D masks
@@ -408,13 +414,14 @@ class FrozenT5LLM(FrozenLLM):
             return self.model(**inputs, use_cache=False).loss.float()  # no KV cache: nothing is generated
 
 
-def wrap_llm(hf_model, tokenizer, prompt="", max_txt_len=32, t5_prefix_split=False, dropout=False, prompt_suffix=""):
+def wrap_llm(hf_model, tokenizer, prompt="", max_txt_len=32, t5_prefix_split=False, dropout=False, prompt_prefix="",
+             prompt_suffix=""):
     """A Hugging Face LLM and its tokenizer as this project drives them: FrozenT5LLM for an encoder-decoder
     (FlanT5), FrozenLLM for a causal LM. t5_prefix_split is FlanT5's alone; a causal LM reads whole captions."""
     if hf_model.config.is_encoder_decoder:
         return FrozenT5LLM(hf_model, tokenizer, prompt, max_txt_len, dropout, prefix_split=t5_prefix_split,
-                           prompt_suffix=prompt_suffix)
-    return FrozenLLM(hf_model, tokenizer, prompt, max_txt_len, dropout, prompt_suffix)
+                           prompt_prefix=prompt_prefix, prompt_suffix=prompt_suffix)
+    return FrozenLLM(hf_model, tokenizer, prompt, max_txt_len, dropout, prompt_prefix, prompt_suffix)
 
 
 def causal_padding_mask(attention_mask, dtype, causal=True):

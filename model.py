@@ -75,6 +75,7 @@ class Blip2Config:
     llm_dtype: str = "float32"  # frozen weights; float16 (OPT) / bfloat16 (FlanT5) on GPU
     llm_dropout: bool = False  # True: the frozen LLM's own dropout is active in training, as in the official runs
     prompt: str = ""  # text prompt before the caption in stage 2 (e.g. "a photo of")
+    llm_prompt_prefix: str = ""  # text before the soft prompt (FrozenLLM's prompt_prefix); "" as the papers
     llm_prompt_suffix: str = ""  # text after the soft prompt, before BOS (FrozenLLM's prompt_suffix); "" as the papers
     t5_prefix_split: bool = False  # FlanT5: split each caption at a random word into encoder prefix / target
     # P-Former
@@ -623,7 +624,8 @@ class Blip2Stage2(VisualQueries):
         self.config = c = config
         self.llm = llm if llm is not None else FrozenLLM.from_pretrained(
             c.llm_model, c.llm_dtype, prompt=c.prompt, max_txt_len=c.max_txt_len, t5_prefix_split=c.t5_prefix_split,
-            dropout=c.llm_dropout, prompt_suffix=c.llm_prompt_suffix)
+            dropout=c.llm_dropout, prompt_prefix=c.llm_prompt_prefix,
+            prompt_suffix=c.llm_prompt_suffix)
         self.llm_proj = nn.Linear(c.hidden_size, self.llm.dim)
         _init_bert_weights(self.llm_proj)
         self.pformer = FrozenPFormer(pformer, c.num_query_tokens, c.pformer_dropout) if pformer is not None else None
@@ -783,7 +785,8 @@ class PFormerStage0(nn.Module):
         c = self.config = config
         self.llm = llm if llm is not None else FrozenLLM.from_pretrained(
             c.llm_model, c.llm_dtype, prompt=c.prompt, max_txt_len=c.max_txt_len, t5_prefix_split=c.t5_prefix_split,
-            dropout=c.llm_dropout, prompt_suffix=c.llm_prompt_suffix)
+            dropout=c.llm_dropout, prompt_prefix=c.llm_prompt_prefix,
+            prompt_suffix=c.llm_prompt_suffix)
         self.pformer = PFormer(c, self.llm.dim)
 
     def forward(self, texts, mask_generator=None):

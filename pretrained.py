@@ -230,7 +230,7 @@ def blip2_stage2_from_hf(src, tokenizer=None, dtype="float32", **config_override
     # the LLM module is reused, in the frozen weights' dtype (an in-memory model may come in another)
     llm = wrap_llm(hf.language_model.to(DTYPES[dtype]), tokenizer, prompt=config.prompt,
                    max_txt_len=config.max_txt_len, t5_prefix_split=config.t5_prefix_split, dropout=config.llm_dropout,
-                   prompt_suffix=config.llm_prompt_suffix)
+                   prompt_prefix=config.llm_prompt_prefix, prompt_suffix=config.llm_prompt_suffix)
     return _load_from_hf(Blip2Stage2(config, llm=llm), hf, source)
 
 
@@ -303,6 +303,9 @@ def unexportable(model):
     if c.num_frames > 1:
         return (f"this is a clip model (num_frames={c.num_frames}): its learned frame embedding has no place in "
                 f"Hugging Face's BLIP-2, which reads one image")
+    if isinstance(model, Blip2Stage2) and c.llm_prompt_prefix:
+        return (f"its soft prompt follows llm_prompt_prefix={c.llm_prompt_prefix!r}; Hugging Face's BLIP-2 starts "
+                f"the LLM's input with the image tokens")
     if isinstance(model, Blip2Stage2) and c.llm_prompt_suffix:
         return (f"its soft prompt ends with llm_prompt_suffix={c.llm_prompt_suffix!r}, before BOS; Hugging Face's "
                 f"BLIP-2 puts BOS right after the image tokens")

@@ -52,6 +52,7 @@ llm_model = "facebook/opt-2.7b"
 llm_dtype = "float16"
 llm_dropout = False  # True: OPT's own dropout (0.1) on in the LM loss, as the official code leaves it (train mode)
 t5_prefix_split = True  # FlanT5 only: split each sentence at a random word into prefix and target
+llm_prompt_prefix = ""  # text before the predicted prompt (as stage 2's llm_prompt_prefix)
 llm_prompt_suffix = ""  # text after the predicted prompt, before BOS (as stage 2's llm_prompt_suffix)
 # optimization
 batch_size = 48  # per GPU; x 8 GPUs = 384

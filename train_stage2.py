@@ -78,6 +78,7 @@ llm_model = "facebook/opt-2.7b"  # any HF causal LM (OPT, Llama-family) or FlanT
 llm_dtype = "float16"  # FlanT5: 'bfloat16'
 llm_dropout = False  # True: OPT's own dropout (0.1) on in the LM loss, as the official code leaves it (train mode)
 prompt = ""  # e.g. "a photo of": given before each caption, not learned (caption fine-tuning)
+llm_prompt_prefix = ""  # text before the soft prompt, in training and generation (the quick start: "</s>")
 llm_prompt_suffix = ""  # text after the soft prompt, before BOS, in training and generation (the quick start: "\n")
 t5_prefix_split = False
 # optimization

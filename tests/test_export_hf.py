@@ -132,6 +132,8 @@ def test_what_the_format_cannot_hold_is_refused(bert, tmp_path, monkeypatch):
              (Blip2Stage2(tiny.our_config(bert, feature_dim=16), llm=FrozenLLM(lm, tok)), "clip features"),
              (Blip2Stage2(tiny.our_config(bert, llm_prompt_suffix="\n"), llm=FrozenLLM(lm, tok, prompt_suffix="\n")),
               "llm_prompt_suffix"),
+             (Blip2Stage2(tiny.our_config(bert, llm_prompt_prefix="</s>"),
+                          llm=FrozenLLM(lm, tok, prompt_prefix="</s>")), "llm_prompt_prefix"),
              (Blip2Stage1(tiny.our_config(bert, vit_model="vit_base_patch16_clip_quickgelu_224",
                                           vit_kwargs=tiny.tiny_vit_kwargs())), "not EVA-style"),
              (Blip2Stage1(tiny.our_config(bert, stage1_losses=("itg",))), "trained without itc and itm")]

@@ -469,25 +469,31 @@ def test_stage2_text_prompt_is_joined_and_hidden_as_lavis_does():
 
 
 @pytest.mark.parametrize("text", ["opt", "t5"])
-def test_prompt_suffix_ends_the_soft_prompt_in_the_loss_and_in_generation(text):
-    """llm_prompt_suffix: its token embeddings follow the soft prompt, before BOS: the loss and the generated tokens
-    are those of a plain LLM given [soft prompt; suffix embeddings] (and a soft-prompt mask grows by the suffix)."""
+def test_prompt_prefix_and_suffix_frame_the_soft_prompt_in_the_loss_and_in_generation(text):
+    """llm_prompt_prefix / llm_prompt_suffix: their token embeddings come before / after the soft prompt: the loss and
+    the generated tokens are those of a plain LLM given [prefix embeddings; soft prompt; suffix embeddings] (and a
+    soft-prompt mask grows by both)."""
     from world import byte_tokenizer
 
     hf, tok = tiny.hf_blip2(text)
     tok = byte_tokenizer(t5=text == "t5")
-    plain, suffixed = wrap_llm(hf.language_model, tok), wrap_llm(hf.language_model, tok, prompt_suffix="\n")
+    plain = wrap_llm(hf.language_model, tok)
+    framed = wrap_llm(hf.language_model, tok, prompt_prefix=tok.eos_token, prompt_suffix="\n")
     soft = torch.randn(2, 3, plain.dim, generator=torch.Generator().manual_seed(0))
-    nl = torch.tensor(tok("\n", add_special_tokens=False).input_ids)
-    joined = torch.cat([soft, plain.embed(nl)[None].expand(2, -1, -1)], dim=1)  # B x (Q + 1) x d
-    assert suffixed.suffix_ids == nl.tolist() and len(nl) == 1
+    eos, nl = [torch.tensor(tok(t, add_special_tokens=False).input_ids) for t in (tok.eos_token, "\n")]
+    assert framed.prefix_ids == eos.tolist() == [tok.eos_token_id] and framed.suffix_ids == nl.tolist()
+    joined = torch.cat([plain.embed(eos)[None].expand(2, -1, -1), soft, plain.embed(nl)[None].expand(2, -1, -1)],
+                       dim=1)  # B x (1 + Q + 1) x d
     texts = ["red square", "a big circle"]
-    close(suffixed.lm_loss(soft, texts), plain.lm_loss(joined, texts))
-    assert (suffixed.lm_loss(soft, texts) - plain.lm_loss(soft, texts)).abs() > 1e-4  # the suffix is read
+    close(framed.lm_loss(soft, texts), plain.lm_loss(joined, texts))
+    for prefix, suffix in [("", "\n"), (tok.eos_token, "")]:  # each of the two is read
+        one = wrap_llm(hf.language_model, tok, prompt_prefix=prefix, prompt_suffix=suffix)
+        assert (framed.lm_loss(soft, texts) - one.lm_loss(soft, texts)).abs() > 1e-4
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
-    got = suffixed.generate_tokens(soft, prompt="", num_beams=1, max_new_tokens=5, prompt_mask=mask)
+    got = framed.generate_tokens(soft, prompt="", num_beams=1, max_new_tokens=5, prompt_mask=mask)
+    one = torch.ones(2, 1, dtype=mask.dtype)
     want = plain.generate_tokens(joined, prompt="", num_beams=1, max_new_tokens=5,
-                                 prompt_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1))
+                                 prompt_mask=torch.cat([one, mask, one], dim=1))
     assert torch.equal(got, want)
 
 
