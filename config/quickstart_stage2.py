@@ -5,8 +5,10 @@ out_dir = "out/quickstart/stage2"
 stage1_ckpt = "out/quickstart/stage1/ckpt.pt"
 llm_model = "data/quickstart/llm"
 llm_dtype = "float32"
-# the world's LLM read pages of documents each ending with "\n" before the next one's BOS: the soft prompt stands
-# for a document (the caption) and ends as they do, in training and generation alike
+# the world's LLM read only pages of documents "</s> sentence \n": the soft prompt stands for a document (the
+# caption), begins and ends as they do, in training and generation alike (without the "</s>" the LLM took a soft
+# prompt for the middle of a caption and wrote on after the question)
+llm_prompt_prefix = "</s>"
 llm_prompt_suffix = "\n"
 train_ann = ["data/quickstart/train.json"]
 train_image_roots = ["data/quickstart/images"]
