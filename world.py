@@ -420,8 +420,8 @@ def build_tiny_world(out="data/world", n_train=96, n_val=16, image_size=64, llm_
 
 # the LLM: width 64 and 4 layers, pages of six questions at lr 1e-3 (a larger lr diverged; with two questions a page,
 # reading a colour back from a caption was learnt far later). Seed 1: this recipe's LLM learns to bind a colour to
-# its shape on some seeds, not on others: built with seed 0 it answers "what color is the circle?" at chance among
-# the scene's colours, with seed 1 it answers all of them (docs/results.md)
+# its shape in some builds, not in others: one build with seed 0 answered "what color is the circle?" at chance among
+# the scene's colours (another, on one thread, did not), the shipped seed-1 build answers all of them (docs/results.md)
 QUICKSTART_WORLD = dict(n_train=2000, n_test=100, n_text=20000, image_size=48, vit_width=96, vit_depth=4,
                         vit_steps=800, llm_width=64, llm_layers=4, llm_steps=14000, llm_batch=32, llm_lr=1e-3,
                         llm_questions=6, seed=1)
