@@ -89,6 +89,12 @@ class Blip2Config:
         """The Blip2Config named by the keys of a training script's config that are Blip2Config fields."""
         return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
 
+    def llm_options(self):
+        """How the frozen LLM is driven (wrap_llm's keyword arguments): stage 0 and stage 2 read it alike."""
+        return dict(prompt=self.prompt, max_txt_len=self.max_txt_len, t5_prefix_split=self.t5_prefix_split,
+                    dropout=self.llm_dropout, prompt_prefix=self.llm_prompt_prefix,
+                    prompt_suffix=self.llm_prompt_suffix)
+
 
 # -----------------------------------------------------------------------------
 # 2. the Q-Former
@@ -622,10 +628,7 @@ class Blip2Stage2(VisualQueries):
     def __init__(self, config, llm=None, vit=None, pformer=None):
         super().__init__(config, vit, with_text=False)
         self.config = c = config
-        self.llm = llm if llm is not None else FrozenLLM.from_pretrained(
-            c.llm_model, c.llm_dtype, prompt=c.prompt, max_txt_len=c.max_txt_len, t5_prefix_split=c.t5_prefix_split,
-            dropout=c.llm_dropout, prompt_prefix=c.llm_prompt_prefix,
-            prompt_suffix=c.llm_prompt_suffix)
+        self.llm = llm if llm is not None else FrozenLLM.from_pretrained(c.llm_model, c.llm_dtype, **c.llm_options())
         self.llm_proj = nn.Linear(c.hidden_size, self.llm.dim)
         _init_bert_weights(self.llm_proj)
         self.pformer = FrozenPFormer(pformer, c.num_query_tokens, c.pformer_dropout) if pformer is not None else None
@@ -783,10 +786,7 @@ class PFormerStage0(nn.Module):
     def __init__(self, config, llm=None):
         super().__init__()
         c = self.config = config
-        self.llm = llm if llm is not None else FrozenLLM.from_pretrained(
-            c.llm_model, c.llm_dtype, prompt=c.prompt, max_txt_len=c.max_txt_len, t5_prefix_split=c.t5_prefix_split,
-            dropout=c.llm_dropout, prompt_prefix=c.llm_prompt_prefix,
-            prompt_suffix=c.llm_prompt_suffix)
+        self.llm = llm if llm is not None else FrozenLLM.from_pretrained(c.llm_model, c.llm_dtype, **c.llm_options())
         self.pformer = PFormer(c, self.llm.dim)
 
     def forward(self, texts, mask_generator=None):

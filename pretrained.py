@@ -228,9 +228,7 @@ def blip2_stage2_from_hf(src, tokenizer=None, dtype="float32", **config_override
         tokenizer = from_pretrained(AutoTokenizer, src, "tokenizer")
     config = _config_from_hf(hf.config, vit_dtype=dtype, llm_dtype=dtype, llm_model=source, **config_overrides)
     # the LLM module is reused, in the frozen weights' dtype (an in-memory model may come in another)
-    llm = wrap_llm(hf.language_model.to(DTYPES[dtype]), tokenizer, prompt=config.prompt,
-                   max_txt_len=config.max_txt_len, t5_prefix_split=config.t5_prefix_split, dropout=config.llm_dropout,
-                   prompt_prefix=config.llm_prompt_prefix, prompt_suffix=config.llm_prompt_suffix)
+    llm = wrap_llm(hf.language_model.to(DTYPES[dtype]), tokenizer, **config.llm_options())
     return _load_from_hf(Blip2Stage2(config, llm=llm), hf, source)
 
 
