@@ -217,8 +217,8 @@ def newline_token_id(tokenizer):
 
 
 class FrozenLLM(Frozen):
-    """The frozen decoder-only LLM (OPT in the paper; any Hugging Face causal LM, e.g. the Llama family: SmolLM2,
-    Qwen) driven through `inputs_embeds` by a soft prompt of Q vectors in front of its text (BLIP-2 section 3.3,
+    """The frozen decoder-only LLM (OPT in the paper; any Hugging Face causal LM: the Llama family (SmolLM2, Qwen),
+    BLOOM) driven through `inputs_embeds` by a soft prompt of Q vectors in front of its text (BLIP-2 section 3.3,
     Figure 3 top). FlanT5 is FrozenT5LLM below; wrap_llm and FrozenLLM.from_pretrained pick the class from the
     model's config. Frozen; in eval mode unless `dropout` (the official code leaves OPT in train mode, so its dropout
     0.1 is on in the losses). Computes in its weights' own dtype whatever its caller's autocast.
@@ -249,7 +249,10 @@ class FrozenLLM(Frozen):
         self.dim = hf_model.get_input_embeddings().embedding_dim
         # HF causal LMs that take `logits_to_keep` (OPT, Llama, Qwen2, ...) compute the LM head on chosen positions
         self._keeps_logits = "logits_to_keep" in inspect.signature(hf_model.forward).parameters
-        self._takes_4d_mask = hf_model.config._attn_implementation in ("sdpa", "eager")
+        # a 4-D mask with explicit positions, where the model takes both; models that place every token by its
+        # 2-D mask alone (ALiBi: BLOOM) take neither, and get the 2-D mask
+        self._takes_4d_mask = (hf_model.config._attn_implementation in ("sdpa", "eager")
+                               and "position_ids" in inspect.signature(hf_model.forward).parameters)
         self.prompt, self.max_txt_len, self.dropout = prompt.strip(), max_txt_len, dropout
         self.prefix_ids, self.suffix_ids = [tokenizer(text, add_special_tokens=False).input_ids if text else []
                                             for text in (prompt_prefix, prompt_suffix)]

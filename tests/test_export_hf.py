@@ -33,7 +33,7 @@ def images(n=2, seed=0):
 
 
 def tiny_llm(text):
-    """(a tiny random LLM, its tokenizer). OPT and T5 have a spare embedding row, as OPT-2.7b and FlanT5 do; the
+    """(a tiny random LLM, its tokenizer). OPT, BLOOM and T5 have a spare embedding row, as OPT-2.7b and FlanT5 do; the
     Llama has none (as SmolLM2), so the export adds one for <image>."""
     if text != "llama":
         hf, tok = tiny.hf_blip2(text)
@@ -59,7 +59,7 @@ def processor_inputs(processor, texts):
     return out.input_ids, out.attention_mask
 
 
-@pytest.mark.parametrize("text", ["opt", "llama", "t5"])
+@pytest.mark.parametrize("text", ["opt", "llama", "bloom", "t5"])
 def test_stage2_export_computes_what_this_code_computes(bert, tmp_path, text):
     lm, tok = tiny_llm(text)
     prompt = "a photo of" if text == "t5" else ""

@@ -43,7 +43,7 @@ def test_vision_and_qformer_match_hf(stage2_pair):
     close(Z, hf.get_image_features(img).qformer_outputs.last_hidden_state)  # B x 8 x 64
 
 
-@pytest.mark.parametrize("text", ["opt", "llama"])
+@pytest.mark.parametrize("text", ["opt", "llama", "bloom"])
 def test_decoder_only_logits_loss_and_generation_match_hf(text):
     hf, tok = tiny.hf_blip2(text)
     ours = blip2_stage2_from_hf(hf, tokenizer=tok)

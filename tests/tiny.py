@@ -6,7 +6,7 @@ format when a directory is needed, and loaded through the same code paths as the
 import torch
 from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval,
                           Blip2QFormerConfig, Blip2VisionConfig, BertConfig, BertForMaskedLM,
-                          LlamaConfig, OPTConfig, T5Config)
+                          BloomConfig, LlamaConfig, OPTConfig, T5Config)
 
 from model import Blip2Config as OurConfig
 from world import bert_tokenizer, byte_tokenizer
@@ -54,6 +54,11 @@ def hf_blip2_config(text="opt", bert_vocab=None, vocab=None, num_query_tokens=8)
                                   num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128,
                                   initializer_range=INIT_STD, pad_token_id=1, bos_token_id=2, eos_token_id=2)
         image_token_index = vocab - 1
+    elif text == "bloom":  # ALiBi positions from the 2-D mask, a LayerNorm on the input embeddings
+        text_config = BloomConfig(hidden_size=HIDDEN, n_layer=2, n_head=4, vocab_size=vocab, hidden_dropout=0.0,
+                                  attention_dropout=0.0, initializer_range=INIT_STD, pad_token_id=1, bos_token_id=2,
+                                  eos_token_id=2)
+        image_token_index = vocab - 1
     elif text == "t5":
         text_config = T5Config(vocab_size=vocab, d_model=HIDDEN, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
                                dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
@@ -69,7 +74,7 @@ def hf_blip2_config(text="opt", bert_vocab=None, vocab=None, num_query_tokens=8)
 
 
 def hf_blip2(text="opt", seed=0, **config_changes):
-    """(tiny random Blip2ForConditionalGeneration with an OPT, Llama or T5 LLM, its LLM tokenizer). The T5 has its own
+    """(tiny random Blip2ForConditionalGeneration with an OPT, Llama, BLOOM or T5 LLM, its LLM tokenizer). The T5 has its own
     LM head, as FlanT5 has (transformers' T5Config ties it to the embeddings whatever tie_word_embeddings says)."""
     torch.manual_seed(seed)
     tok = byte_tokenizer(t5=text == "t5")
