@@ -75,7 +75,8 @@ def hf_blip2_config(text="opt", bert_vocab=None, vocab=None, num_query_tokens=8)
 
 def hf_blip2(text="opt", seed=0, **config_changes):
     """(tiny random Blip2ForConditionalGeneration with an OPT, Llama, BLOOM or T5 LLM, its LLM tokenizer). The T5
-    has its own LM head, as FlanT5 has (transformers' T5Config ties it to the embeddings whatever tie_word_embeddings says)."""
+    has its own LM head, as FlanT5 has (transformers' T5Config ties it to the embeddings whatever
+    tie_word_embeddings says)."""
     torch.manual_seed(seed)
     tok = byte_tokenizer(t5=text == "t5")
     config = hf_blip2_config(text, vocab=len(tok) + 1)
