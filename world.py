@@ -274,21 +274,24 @@ def bpe_tokenizer(directory, texts, vocab_size=400):
 # pretraining the backbones on the world
 
 
-def llm_pages(scenes, rng, n_questions=2, captions_of=None, questions_of=None):
+def llm_pages(scenes, rng, n_questions=2, captions_of=None, questions_of=None, captions_first=False):
     """The LLM's pretraining text, as OPT's: pages of documents, each document "</s>" + a sentence + "\\n", all the
     documents of a page about one scene: one or two of its captions and n_questions questions about it answered in
     the VQA template, in any order after the first caption. So the LLM learns that a document can speak of what the
     one before it described: the place where BLIP-2 puts its soft prompt, in front of BOS. The more questions a page
     asks, the more often the LLM must read a colour, a shape or an order back from the caption: with 2, a 4-layer
-    LLM answered colour questions after the true caption no better than chance. captions_of and questions_of: the
-    world's (scene_captions and scene_questions by default; the video world's clips)."""
+    LLM answered colour questions after the true caption no better than chance. captions_first: two or three
+    captions, all before the questions, so that a caption follows only a caption, as it follows the soft prompt in
+    stage 2 (docs/results.md: what this does to plain BLIP-2's answers). captions_of and questions_of: the world's
+    (scene_captions and scene_questions by default; the video world's clips)."""
     captions_of, questions_of = captions_of or scene_captions, questions_of or scene_questions
     pages = []
     for s in scenes:
-        docs = rng.sample(captions_of(s), rng.randint(1, 2))
+        captions = captions_of(s)
+        docs = rng.sample(captions, min(len(captions), rng.randint(2, 3) if captions_first else rng.randint(1, 2)))
         qas = questions_of(s)
         docs += [qa_sentence(q, a) for q, a, _ in rng.sample(qas, min(n_questions, len(qas)))]
-        if n_questions:  # a caption first, then the rest in any order
+        if n_questions and not captions_first:  # a caption first, then the rest in any order
             docs = docs[:1] + rng.sample(docs[1:], len(docs) - 1)
         pages.append(docs)
     return pages
@@ -371,19 +374,31 @@ def write_bert(out, seed, bert_width, bert_layers, words=WORDS):
         os.path.join(out, "bert"))
 
 
+LLM_LAYOUTS = ("opt", "bloom")
+
+
 def write_backbones(out, texts, pages, bert_width, bert_layers, llm_width, llm_layers, llm_steps, vit_kwargs,
-                    image_size, vit_steps=0, seed=0, words=WORDS, example=scene_example, llm_batch=64, llm_lr=2e-3):
-    """bert/ (write_bert), llm/ (an OPTForCausalLM pretrained on `pages`, its BPE tokenizer learned from `texts`),
-    vit.pth (a timm EVA state dict, pretrained on scenes for vit_steps). Returns the final losses."""
+                    image_size, vit_steps=0, seed=0, words=WORDS, example=scene_example, llm_batch=64, llm_lr=2e-3,
+                    llm_layout="opt"):
+    """bert/ (write_bert), llm/ (a causal LM pretrained on `pages`, its BPE tokenizer learned from `texts`), vit.pth
+    (a timm EVA state dict, pretrained on scenes for vit_steps). llm_layout: "opt" (OPT: learned positions added to
+    the input embeddings) or "bloom" (BLOOM: a LayerNorm on the input embeddings, soft prompt included, and ALiBi
+    positions), of the same width and depth. Returns the final losses."""
     import timm
-    from transformers import OPTConfig, OPTForCausalLM
+    from transformers import BloomConfig, BloomForCausalLM, OPTConfig, OPTForCausalLM
 
     write_bert(out, seed, bert_width, bert_layers, words)
     llm_tok = bpe_tokenizer(os.path.join(out, "llm"), texts)
-    llm = OPTForCausalLM(OPTConfig(hidden_size=llm_width, ffn_dim=4 * llm_width, num_hidden_layers=llm_layers,
-                                   num_attention_heads=4, vocab_size=len(llm_tok), max_position_embeddings=256,
-                                   word_embed_proj_dim=llm_width, pad_token_id=1, bos_token_id=2, eos_token_id=2,
-                                   dropout=0.0))
+    special = dict(vocab_size=len(llm_tok), pad_token_id=1, bos_token_id=2, eos_token_id=2)
+    if llm_layout == "opt":
+        llm = OPTForCausalLM(OPTConfig(hidden_size=llm_width, ffn_dim=4 * llm_width, num_hidden_layers=llm_layers,
+                                       num_attention_heads=4, max_position_embeddings=256,
+                                       word_embed_proj_dim=llm_width, dropout=0.0, **special))
+    elif llm_layout == "bloom":  # its MLP is 4 x width wide, as OPT's above
+        llm = BloomForCausalLM(BloomConfig(hidden_size=llm_width, n_layer=llm_layers, n_head=4, hidden_dropout=0.0,
+                                           attention_dropout=0.0, **special))
+    else:
+        raise ValueError(f"llm_layout={llm_layout!r}: expected one of {LLM_LAYOUTS}")
     llm, llm_loss = pretrain_llm(llm, llm_tok, pages, llm_steps, batch_size=llm_batch, lr=llm_lr, seed=seed)
     llm.save_pretrained(os.path.join(out, "llm"))
     vit = timm.create_model("eva_giant_patch14_clip_224", pretrained=False, num_classes=0, img_size=image_size,
@@ -421,17 +436,18 @@ def build_tiny_world(out="data/world", n_train=96, n_val=16, image_size=64, llm_
 # the LLM: width 64 and 4 layers, pages of six questions at lr 1e-3 (a larger lr diverged; with two questions a page,
 # reading a colour back from a caption was learnt far later). Seed 1: this recipe's LLM learns to bind a colour to
 # its shape in some builds, not in others: one build with seed 0 answered "what color is the circle?" at chance among
-# the scene's colours (another, on one thread, did not), the shipped seed-1 build answers all of them (docs/results.md)
+# the scene's colours (another, on one thread, did not), the shipped seed-1 build answers all of them (docs/results.md).
+# llm_layout="bloom" and llm_captions_first=True: the LLMs on which plain BLIP-2 answers more often (docs/results.md)
 QUICKSTART_WORLD = dict(n_train=2000, n_test=100, n_text=20000, image_size=48, vit_width=96, vit_depth=4,
                         vit_steps=800, llm_width=64, llm_layers=4, llm_steps=14000, llm_batch=32, llm_lr=1e-3,
-                        llm_questions=6, seed=1)
+                        llm_questions=6, llm_layout="opt", llm_captions_first=False, seed=1)
 
 
 QUICKSTART_BERT = dict(bert_width=128, bert_layers=4)  # random, so made on the spot, shipped backbones or not
 
 # what the quick start's backbones depend on: the scenes of the image-text pairs and the test scenes do not matter
 BACKBONE_SETTINGS = ("seed", "n_text", "image_size", "vit_width", "vit_depth", "vit_steps", "llm_width", "llm_layers",
-                     "llm_steps", "llm_batch", "llm_lr", "llm_questions")
+                     "llm_steps", "llm_batch", "llm_lr", "llm_questions", "llm_layout", "llm_captions_first")
 
 
 def quickstart_vit_kwargs(cfg):
@@ -493,6 +509,8 @@ def build_quickstart_world(out="data/quickstart", pretrain=False, shipped=SHIPPE
     scenes and the corpus are made on the spot; the LLM and the ViT are the shipped ones when they were pretrained
     with these settings (unless `pretrain`), else pretrained here (the longest step of the quick start by far)."""
     cfg = {**QUICKSTART_WORLD, **overrides}
+    if cfg["llm_layout"] not in LLM_LAYOUTS:  # before anything is written
+        raise ValueError(f"llm_layout={cfg['llm_layout']!r}: expected one of {LLM_LAYOUTS}")
     if built_already(out, cfg, "world"):
         return cfg
     t0 = time.time()
@@ -510,10 +528,12 @@ def build_quickstart_world(out="data/quickstart", pretrain=False, shipped=SHIPPE
         with open(os.path.join(out, "corpus_captions.txt")) as f, open(os.path.join(out, "corpus_qa.txt")) as g:
             corpus = f.read().splitlines() + g.read().splitlines()
         llm_loss, vit_loss = write_backbones(
-            out, corpus, llm_pages(text_scenes, random.Random(cfg["seed"]), n_questions=cfg["llm_questions"]),
+            out, corpus, llm_pages(text_scenes, random.Random(cfg["seed"]), n_questions=cfg["llm_questions"],
+                                   captions_first=cfg["llm_captions_first"]),
             **QUICKSTART_BERT, llm_width=cfg["llm_width"], llm_layers=cfg["llm_layers"],
             llm_steps=cfg["llm_steps"], vit_kwargs=quickstart_vit_kwargs(cfg), image_size=cfg["image_size"],
-            vit_steps=cfg["vit_steps"], seed=cfg["seed"], llm_batch=cfg["llm_batch"], llm_lr=cfg["llm_lr"])
+            vit_steps=cfg["vit_steps"], seed=cfg["seed"], llm_batch=cfg["llm_batch"], llm_lr=cfg["llm_lr"],
+            llm_layout=cfg["llm_layout"])
         facts = dict(llm_loss=llm_loss, vit_loss=vit_loss, pretrain_seconds=time.time() - t0)
         print(f"world: LLM pretrained ({llm_loss:.3f}), ViT pretrained ({vit_loss:.3f})")
     seconds = time.time() - t0
@@ -648,6 +668,9 @@ if __name__ == "__main__":
     except ValueError as e:
         raise SystemExit(f"world.py{' --quickstart' if quickstart else ''}: {e}")
     if quickstart:
+        if options["llm_layout"] not in LLM_LAYOUTS:
+            raise SystemExit(f"world.py --quickstart: llm_layout={options['llm_layout']!r}: expected one of "
+                             f"{LLM_LAYOUTS}")
         ship = options.pop("ship")
         built = build_quickstart_world(pretrain=bool(options.pop("pretrain")), **options)
         if ship:  # the pretrained LLM and ViT of this world become the shipped ones (assets/quickstart_backbones)

@@ -39,6 +39,8 @@ def run_script(script, *args, ok=True, timeout=120):
                 runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else 1
+                if isinstance(e.code, str):  # Python prints a message given to SystemExit to stderr
+                    err.write(e.code + "\n")
             except Exception:
                 code, failure = 1, traceback.format_exc()
     finally:

@@ -1,0 +1,55 @@
+"""The quick start's LLM settings: the pages it reads (captions first or not) and its layout (OPT or BLOOM), and the
+shipped backbones recorded with the settings they were made with."""
+import json
+import math
+import random
+
+import pytest
+from transformers import AutoTokenizer
+
+import world
+from scripts import run_script
+
+SCENES = [world.random_scene(random.Random(i)) for i in range(200)]
+
+
+def is_caption(doc, scene):
+    return doc in world.scene_captions(scene)
+
+
+def test_pages_with_captions_first_put_every_caption_before_the_questions():
+    pages = world.llm_pages(SCENES, random.Random(0), n_questions=6, captions_first=True)
+    for scene, page in zip(SCENES, pages):
+        kinds = [is_caption(d, scene) for d in page]
+        n_captions = sum(kinds)
+        assert n_captions in (2, 3) and kinds == [True] * n_captions + [False] * (len(page) - n_captions)
+    # the default: one or two captions, the first document a caption, and somewhere a caption after a question
+    pages = world.llm_pages(SCENES, random.Random(0), n_questions=6)
+    assert all(is_caption(p[0], s) and sum(is_caption(d, s) for d in p) in (1, 2) for s, p in zip(SCENES, pages))
+    assert any(is_caption(p[-1], s) for s, p in zip(SCENES, pages))
+
+
+def test_shipped_backbones_record_their_layout_and_pages():
+    assert world.shipped_backbones(world.QUICKSTART_WORLD) == world.SHIPPED
+    for other in (dict(llm_layout="bloom"), dict(llm_captions_first=True)):
+        assert world.shipped_backbones({**world.QUICKSTART_WORLD, **other}) is None
+
+
+@pytest.mark.slow
+def test_a_bloom_world_llm_learns_its_pages(tmp_path):
+    tiny = dict(n_train=8, n_test=4, n_text=60, vit_steps=10, llm_width=32, llm_layers=2, llm_steps=200, llm_lr=3e-3,
+                llm_questions=2, llm_layout="bloom", llm_captions_first=True)
+    world.build_quickstart_world(str(tmp_path), **tiny)
+    with open(tmp_path / "llm" / "config.json") as f:
+        assert json.load(f)["model_type"] == "bloom"
+    with open(tmp_path / "world.json") as f:
+        built = json.load(f)
+    vocab = len(AutoTokenizer.from_pretrained(tmp_path / "llm"))
+    # from log(vocab), where a random LM starts, to a loss of the pages' few words
+    assert built["config"]["llm_layout"] == "bloom" and built["llm_loss"] < 0.5 * math.log(vocab)
+
+
+def test_an_unknown_llm_layout_fails_before_anything_is_built(tmp_path):
+    out = run_script("world.py", "--quickstart", f"--out={tmp_path}/w", "--llm_layout=gpt2", ok=False)
+    assert out.returncode != 0 and "llm_layout='gpt2'" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "w").exists()
