@@ -287,8 +287,7 @@ def llm_pages(scenes, rng, n_questions=2, captions_of=None, questions_of=None, c
     captions_of, questions_of = captions_of or scene_captions, questions_of or scene_questions
     pages = []
     for s in scenes:
-        captions = captions_of(s)
-        docs = rng.sample(captions, min(len(captions), rng.randint(2, 3) if captions_first else rng.randint(1, 2)))
+        docs = rng.sample(captions_of(s), rng.randint(2, 3) if captions_first else rng.randint(1, 2))
         qas = questions_of(s)
         docs += [qa_sentence(q, a) for q, a, _ in rng.sample(qas, min(n_questions, len(qas)))]
         if n_questions and not captions_first:  # a caption first, then the rest in any order
@@ -377,6 +376,11 @@ def write_bert(out, seed, bert_width, bert_layers, words=WORDS):
 LLM_LAYOUTS = ("opt", "bloom")
 
 
+def check_llm_layout(layout):
+    if layout not in LLM_LAYOUTS:
+        raise ValueError(f"llm_layout={layout!r}: expected one of {LLM_LAYOUTS}")
+
+
 def write_backbones(out, texts, pages, bert_width, bert_layers, llm_width, llm_layers, llm_steps, vit_kwargs,
                     image_size, vit_steps=0, seed=0, words=WORDS, example=scene_example, llm_batch=64, llm_lr=2e-3,
                     llm_layout="opt"):
@@ -387,6 +391,7 @@ def write_backbones(out, texts, pages, bert_width, bert_layers, llm_width, llm_l
     import timm
     from transformers import BloomConfig, BloomForCausalLM, OPTConfig, OPTForCausalLM
 
+    check_llm_layout(llm_layout)
     write_bert(out, seed, bert_width, bert_layers, words)
     llm_tok = bpe_tokenizer(os.path.join(out, "llm"), texts)
     special = dict(vocab_size=len(llm_tok), pad_token_id=1, bos_token_id=2, eos_token_id=2)
@@ -394,11 +399,9 @@ def write_backbones(out, texts, pages, bert_width, bert_layers, llm_width, llm_l
         llm = OPTForCausalLM(OPTConfig(hidden_size=llm_width, ffn_dim=4 * llm_width, num_hidden_layers=llm_layers,
                                        num_attention_heads=4, max_position_embeddings=256,
                                        word_embed_proj_dim=llm_width, dropout=0.0, **special))
-    elif llm_layout == "bloom":  # its MLP is 4 x width wide, as OPT's above
+    else:  # bloom: its MLP is 4 x width wide, as OPT's above
         llm = BloomForCausalLM(BloomConfig(hidden_size=llm_width, n_layer=llm_layers, n_head=4, hidden_dropout=0.0,
                                            attention_dropout=0.0, **special))
-    else:
-        raise ValueError(f"llm_layout={llm_layout!r}: expected one of {LLM_LAYOUTS}")
     llm, llm_loss = pretrain_llm(llm, llm_tok, pages, llm_steps, batch_size=llm_batch, lr=llm_lr, seed=seed)
     llm.save_pretrained(os.path.join(out, "llm"))
     vit = timm.create_model("eva_giant_patch14_clip_224", pretrained=False, num_classes=0, img_size=image_size,
@@ -509,8 +512,7 @@ def build_quickstart_world(out="data/quickstart", pretrain=False, shipped=SHIPPE
     scenes and the corpus are made on the spot; the LLM and the ViT are the shipped ones when they were pretrained
     with these settings (unless `pretrain`), else pretrained here (the longest step of the quick start by far)."""
     cfg = {**QUICKSTART_WORLD, **overrides}
-    if cfg["llm_layout"] not in LLM_LAYOUTS:  # before anything is written
-        raise ValueError(f"llm_layout={cfg['llm_layout']!r}: expected one of {LLM_LAYOUTS}")
+    check_llm_layout(cfg["llm_layout"])  # before anything is written
     if built_already(out, cfg, "world"):
         return cfg
     t0 = time.time()
@@ -665,12 +667,11 @@ if __name__ == "__main__":
         options = {k: p.default for k, p in inspect.signature(build_tiny_world).parameters.items()}
     try:
         apply_overrides(options, [a for a in sys.argv[1:] if a != "--quickstart"])
+        if quickstart:
+            check_llm_layout(options["llm_layout"])
     except ValueError as e:
         raise SystemExit(f"world.py{' --quickstart' if quickstart else ''}: {e}")
     if quickstart:
-        if options["llm_layout"] not in LLM_LAYOUTS:
-            raise SystemExit(f"world.py --quickstart: llm_layout={options['llm_layout']!r}: expected one of "
-                             f"{LLM_LAYOUTS}")
         ship = options.pop("ship")
         built = build_quickstart_world(pretrain=bool(options.pop("pretrain")), **options)
         if ship:  # the pretrained LLM and ViT of this world become the shipped ones (assets/quickstart_backbones)
