@@ -274,23 +274,25 @@ def bpe_tokenizer(directory, texts, vocab_size=400):
 # pretraining the backbones on the world
 
 
-def llm_pages(scenes, rng, n_questions=2, captions_of=None, questions_of=None, captions_first=False):
+def llm_pages(scenes, rng, n_questions=2, captions_of=None, questions_of=None, captions_first=0.0):
     """The LLM's pretraining text, as OPT's: pages of documents, each document "</s>" + a sentence + "\\n", all the
     documents of a page about one scene: one or two of its captions and n_questions questions about it answered in
     the VQA template, in any order after the first caption. So the LLM learns that a document can speak of what the
     one before it described: the place where BLIP-2 puts its soft prompt, in front of BOS. The more questions a page
     asks, the more often the LLM must read a colour, a shape or an order back from the caption: with 2, a 4-layer
-    LLM answered colour questions after the true caption no better than chance. captions_first: two or three
-    captions, all before the questions, so that a caption follows only a caption, as it follows the soft prompt in
-    stage 2 (docs/results.md: what this does to plain BLIP-2's answers). captions_of and questions_of: the world's
-    (scene_captions and scene_questions by default; the video world's clips)."""
+    LLM answered colour questions after the true caption no better than chance. captions_first: the share of pages
+    that have two or three captions, all before the questions, so that a caption follows only a caption, as it
+    follows the soft prompt in stage 2 (docs/results.md: what this does to plain BLIP-2's answers). A share of 0 or 1
+    draws no coin per page. captions_of and questions_of: the world's (scene_captions and scene_questions by default;
+    the video world's clips)."""
     captions_of, questions_of = captions_of or scene_captions, questions_of or scene_questions
     pages = []
     for s in scenes:
-        docs = rng.sample(captions_of(s), rng.randint(2, 3) if captions_first else rng.randint(1, 2))
+        first = captions_first >= 1 or (captions_first > 0 and rng.random() < captions_first)
+        docs = rng.sample(captions_of(s), rng.randint(2, 3) if first else rng.randint(1, 2))
         qas = questions_of(s)
         docs += [qa_sentence(q, a) for q, a, _ in rng.sample(qas, min(n_questions, len(qas)))]
-        if n_questions and not captions_first:  # a caption first, then the rest in any order
+        if n_questions and not first:  # a caption first, then the rest in any order
             docs = docs[:1] + rng.sample(docs[1:], len(docs) - 1)
         pages.append(docs)
     return pages
@@ -440,10 +442,10 @@ def build_tiny_world(out="data/world", n_train=96, n_val=16, image_size=64, llm_
 # reading a colour back from a caption was learnt far later). Seed 1: this recipe's LLM learns to bind a colour to
 # its shape in some builds, not in others: one build with seed 0 answered "what color is the circle?" at chance among
 # the scene's colours (another, on one thread, did not), the shipped seed-1 build answers all of them (docs/results.md).
-# llm_layout="bloom" and llm_captions_first=True: the LLMs on which plain BLIP-2 answers more often (docs/results.md)
+# llm_layout="bloom" and llm_captions_first=1.0: the LLMs on which plain BLIP-2 answers more often (docs/results.md)
 QUICKSTART_WORLD = dict(n_train=2000, n_test=100, n_text=20000, image_size=48, vit_width=96, vit_depth=4,
                         vit_steps=800, llm_width=64, llm_layers=4, llm_steps=14000, llm_batch=32, llm_lr=1e-3,
-                        llm_questions=6, llm_layout="opt", llm_captions_first=False, seed=1)
+                        llm_questions=6, llm_layout="opt", llm_captions_first=0.0, seed=1)
 
 
 QUICKSTART_BERT = dict(bert_width=128, bert_layers=4)  # random, so made on the spot, shipped backbones or not

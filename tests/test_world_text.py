@@ -17,28 +17,41 @@ def is_caption(doc, scene):
     return doc in world.scene_captions(scene)
 
 
+def captions_first(page, scene):
+    """Two or three captions, then only questions."""
+    kinds = [is_caption(d, scene) for d in page]
+    n_captions = sum(kinds)
+    return n_captions in (2, 3) and kinds == [True] * n_captions + [False] * (len(page) - n_captions)
+
+
 def test_pages_with_captions_first_put_every_caption_before_the_questions():
-    pages = world.llm_pages(SCENES, random.Random(0), n_questions=6, captions_first=True)
-    for scene, page in zip(SCENES, pages):
-        kinds = [is_caption(d, scene) for d in page]
-        n_captions = sum(kinds)
-        assert n_captions in (2, 3) and kinds == [True] * n_captions + [False] * (len(page) - n_captions)
+    pages = world.llm_pages(SCENES, random.Random(0), n_questions=6, captions_first=1.0)
+    assert all(captions_first(p, s) for s, p in zip(SCENES, pages))
     # the default: one or two captions, the first document a caption, and somewhere a caption after a question
     pages = world.llm_pages(SCENES, random.Random(0), n_questions=6)
     assert all(is_caption(p[0], s) and sum(is_caption(d, s) for d in p) in (1, 2) for s, p in zip(SCENES, pages))
     assert any(is_caption(p[-1], s) for s, p in zip(SCENES, pages))
 
 
+def test_a_share_of_pages_with_captions_first_mixes_the_two_orders():
+    pages = world.llm_pages(SCENES, random.Random(0), n_questions=6, captions_first=0.5)
+    first = [captions_first(p, s) for s, p in zip(SCENES, pages)]
+    assert 0.35 < sum(first) / len(first) < 0.65  # 200 fair coins: 5 standard deviations either side
+    # the other pages are the default's: one or two captions, the first document a caption
+    assert all(is_caption(p[0], s) and sum(is_caption(d, s) for d in p) in (1, 2)
+               for s, p, f in zip(SCENES, pages, first) if not f)
+
+
 def test_shipped_backbones_record_their_layout_and_pages():
     assert world.shipped_backbones(world.QUICKSTART_WORLD) == world.SHIPPED
-    for other in (dict(llm_layout="bloom"), dict(llm_captions_first=True)):
+    for other in (dict(llm_layout="bloom"), dict(llm_captions_first=1.0), dict(llm_captions_first=0.5)):
         assert world.shipped_backbones({**world.QUICKSTART_WORLD, **other}) is None
 
 
 @pytest.mark.slow
 def test_a_bloom_world_llm_learns_its_pages(tmp_path):
     tiny = dict(n_train=8, n_test=4, n_text=60, vit_steps=10, llm_width=32, llm_layers=2, llm_steps=200, llm_lr=3e-3,
-                llm_questions=2, llm_layout="bloom", llm_captions_first=True)
+                llm_questions=2, llm_layout="bloom", llm_captions_first=1.0)
     world.build_quickstart_world(str(tmp_path), **tiny)
     with open(tmp_path / "llm" / "config.json") as f:
         assert json.load(f)["model_type"] == "bloom"
