@@ -383,6 +383,15 @@ def check_llm_layout(layout):
         raise ValueError(f"llm_layout={layout!r}: expected one of {LLM_LAYOUTS}")
 
 
+def check_llm_settings(cfg):
+    """The quick-start world's LLM settings that would otherwise fail (or, for the share, pass silently) only after
+    the scenes are written: checked first."""
+    check_llm_layout(cfg["llm_layout"])
+    share = cfg["llm_captions_first"]
+    if not 0 <= share <= 1:
+        raise ValueError(f"llm_captions_first={share!r}: expected a share of pages between 0 and 1")
+
+
 def write_backbones(out, texts, pages, bert_width, bert_layers, llm_width, llm_layers, llm_steps, vit_kwargs,
                     image_size, vit_steps=0, seed=0, words=WORDS, example=scene_example, llm_batch=64, llm_lr=2e-3,
                     llm_layout="opt"):
@@ -514,7 +523,7 @@ def build_quickstart_world(out="data/quickstart", pretrain=False, shipped=SHIPPE
     scenes and the corpus are made on the spot; the LLM and the ViT are the shipped ones when they were pretrained
     with these settings (unless `pretrain`), else pretrained here (the longest step of the quick start by far)."""
     cfg = {**QUICKSTART_WORLD, **overrides}
-    check_llm_layout(cfg["llm_layout"])  # before anything is written
+    check_llm_settings(cfg)  # before anything is written
     if built_already(out, cfg, "world"):
         return cfg
     t0 = time.time()
@@ -670,7 +679,7 @@ if __name__ == "__main__":
     try:
         apply_overrides(options, [a for a in sys.argv[1:] if a != "--quickstart"])
         if quickstart:
-            check_llm_layout(options["llm_layout"])
+            check_llm_settings(options)
     except ValueError as e:
         raise SystemExit(f"world.py{' --quickstart' if quickstart else ''}: {e}")
     if quickstart:

@@ -62,7 +62,10 @@ def test_a_bloom_world_llm_learns_its_pages(tmp_path):
     assert built["config"]["llm_layout"] == "bloom" and built["llm_loss"] < 0.5 * math.log(vocab)
 
 
-def test_an_unknown_llm_layout_fails_before_anything_is_built(tmp_path):
-    out = run_script("world.py", "--quickstart", f"--out={tmp_path}/w", "--llm_layout=gpt2", ok=False)
-    assert out.returncode != 0 and "llm_layout='gpt2'" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+@pytest.mark.parametrize("bad, named", [("--llm_layout=gpt2", "llm_layout='gpt2'"),
+                                        ("--llm_captions_first=2.0", "llm_captions_first=2.0"),
+                                        ("--llm_captions_first=-0.5", "llm_captions_first=-0.5")])
+def test_a_bad_llm_setting_fails_before_anything_is_built(tmp_path, bad, named):
+    out = run_script("world.py", "--quickstart", f"--out={tmp_path}/w", bad, ok=False)
+    assert out.returncode != 0 and named in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "w").exists()
