@@ -44,7 +44,10 @@ def test_a_share_of_pages_with_captions_first_mixes_the_two_orders():
 
 def test_shipped_backbones_record_their_layout_and_pages():
     assert world.shipped_backbones(world.QUICKSTART_WORLD) == world.SHIPPED
-    for other in (dict(llm_layout="bloom"), dict(llm_captions_first=1.0), dict(llm_captions_first=0.5)):
+    shipped = world.QUICKSTART_WORLD
+    other_layout = next(layout for layout in world.LLM_LAYOUTS if layout != shipped["llm_layout"])
+    for other in (dict(llm_layout=other_layout), dict(llm_captions_first=1.0 - shipped["llm_captions_first"]),
+                  dict(llm_captions_first=shipped["llm_captions_first"] + 0.1)):
         assert world.shipped_backbones({**world.QUICKSTART_WORLD, **other}) is None
 
 
