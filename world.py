@@ -390,15 +390,17 @@ def check_llm_settings(cfg):
     share = cfg["llm_captions_first"]
     if not 0 <= share <= 1:
         raise ValueError(f"llm_captions_first={share!r}: expected a share of pages between 0 and 1")
+    if cfg["llm_heads"] < 1 or cfg["llm_width"] % cfg["llm_heads"]:
+        raise ValueError(f"llm_heads={cfg['llm_heads']!r}: expected a divisor of llm_width={cfg['llm_width']}")
 
 
 def write_backbones(out, texts, pages, bert_width, bert_layers, llm_width, llm_layers, llm_steps, vit_kwargs,
                     image_size, vit_steps=0, seed=0, words=WORDS, example=scene_example, llm_batch=64, llm_lr=2e-3,
-                    llm_layout="opt"):
+                    llm_layout="opt", llm_heads=4):
     """bert/ (write_bert), llm/ (a causal LM pretrained on `pages`, its BPE tokenizer learned from `texts`), vit.pth
     (a timm EVA state dict, pretrained on scenes for vit_steps). llm_layout: "opt" (OPT: learned positions added to
     the input embeddings) or "bloom" (BLOOM: a LayerNorm on the input embeddings, soft prompt included, and ALiBi
-    positions), of the same width and depth. Returns the final losses."""
+    positions), of the same width, depth and number of heads. Returns the final losses."""
     import timm
     from transformers import BloomConfig, BloomForCausalLM, OPTConfig, OPTForCausalLM
 
@@ -408,11 +410,11 @@ def write_backbones(out, texts, pages, bert_width, bert_layers, llm_width, llm_l
     special = dict(vocab_size=len(llm_tok), pad_token_id=1, bos_token_id=2, eos_token_id=2)
     if llm_layout == "opt":
         llm = OPTForCausalLM(OPTConfig(hidden_size=llm_width, ffn_dim=4 * llm_width, num_hidden_layers=llm_layers,
-                                       num_attention_heads=4, max_position_embeddings=256,
+                                       num_attention_heads=llm_heads, max_position_embeddings=256,
                                        word_embed_proj_dim=llm_width, dropout=0.0, **special))
-    else:  # bloom: its MLP is 4 x width wide, as OPT's above
-        llm = BloomForCausalLM(BloomConfig(hidden_size=llm_width, n_layer=llm_layers, n_head=4, hidden_dropout=0.0,
-                                           attention_dropout=0.0, **special))
+    else:  # bloom: its MLP is 4 x width wide, as OPT's above; head h of H penalises each position back by 2^(-8h/H)
+        llm = BloomForCausalLM(BloomConfig(hidden_size=llm_width, n_layer=llm_layers, n_head=llm_heads,
+                                           hidden_dropout=0.0, attention_dropout=0.0, **special))
     llm, llm_loss = pretrain_llm(llm, llm_tok, pages, llm_steps, batch_size=llm_batch, lr=llm_lr, seed=seed)
     llm.save_pretrained(os.path.join(out, "llm"))
     vit = timm.create_model("eva_giant_patch14_clip_224", pretrained=False, num_classes=0, img_size=image_size,
@@ -454,14 +456,15 @@ def build_tiny_world(out="data/world", n_train=96, n_val=16, image_size=64, llm_
 # llm_layout="bloom" and llm_captions_first=1.0: the LLMs on which plain BLIP-2 answers more often (docs/results.md)
 QUICKSTART_WORLD = dict(n_train=2000, n_test=100, n_text=20000, image_size=48, vit_width=96, vit_depth=4,
                         vit_steps=800, llm_width=64, llm_layers=4, llm_steps=14000, llm_batch=32, llm_lr=1e-3,
-                        llm_questions=6, llm_layout="opt", llm_captions_first=0.0, seed=1)
+                        llm_questions=6, llm_layout="opt", llm_heads=4, llm_captions_first=0.0, seed=1)
 
 
 QUICKSTART_BERT = dict(bert_width=128, bert_layers=4)  # random, so made on the spot, shipped backbones or not
 
 # what the quick start's backbones depend on: the scenes of the image-text pairs and the test scenes do not matter
 BACKBONE_SETTINGS = ("seed", "n_text", "image_size", "vit_width", "vit_depth", "vit_steps", "llm_width", "llm_layers",
-                     "llm_steps", "llm_batch", "llm_lr", "llm_questions", "llm_layout", "llm_captions_first")
+                     "llm_steps", "llm_batch", "llm_lr", "llm_questions", "llm_layout", "llm_heads",
+                     "llm_captions_first")
 
 
 def quickstart_vit_kwargs(cfg):
@@ -546,7 +549,7 @@ def build_quickstart_world(out="data/quickstart", pretrain=False, shipped=SHIPPE
             **QUICKSTART_BERT, llm_width=cfg["llm_width"], llm_layers=cfg["llm_layers"],
             llm_steps=cfg["llm_steps"], vit_kwargs=quickstart_vit_kwargs(cfg), image_size=cfg["image_size"],
             vit_steps=cfg["vit_steps"], seed=cfg["seed"], llm_batch=cfg["llm_batch"], llm_lr=cfg["llm_lr"],
-            llm_layout=cfg["llm_layout"])
+            llm_layout=cfg["llm_layout"], llm_heads=cfg["llm_heads"])
         facts = dict(llm_loss=llm_loss, vit_loss=vit_loss, pretrain_seconds=time.time() - t0)
         print(f"world: LLM pretrained ({llm_loss:.3f}), ViT pretrained ({vit_loss:.3f})")
     seconds = time.time() - t0

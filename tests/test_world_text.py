@@ -47,17 +47,19 @@ def test_shipped_backbones_record_their_layout_and_pages():
     shipped = world.QUICKSTART_WORLD
     other_layout = next(layout for layout in world.LLM_LAYOUTS if layout != shipped["llm_layout"])
     for other in (dict(llm_layout=other_layout), dict(llm_captions_first=1.0 - shipped["llm_captions_first"]),
-                  dict(llm_captions_first=shipped["llm_captions_first"] + 0.1)):
+                  dict(llm_captions_first=shipped["llm_captions_first"] + 0.1),
+                  dict(llm_heads=2 * shipped["llm_heads"])):
         assert world.shipped_backbones({**world.QUICKSTART_WORLD, **other}) is None
 
 
 @pytest.mark.slow
 def test_a_bloom_world_llm_learns_its_pages(tmp_path):
     tiny = dict(n_train=8, n_test=4, n_text=60, vit_steps=10, llm_width=32, llm_layers=2, llm_steps=200, llm_lr=3e-3,
-                llm_questions=2, llm_layout="bloom", llm_captions_first=1.0)
+                llm_questions=2, llm_layout="bloom", llm_heads=8, llm_captions_first=1.0)
     world.build_quickstart_world(str(tmp_path), **tiny)
     with open(tmp_path / "llm" / "config.json") as f:
-        assert json.load(f)["model_type"] == "bloom"
+        llm_config = json.load(f)
+    assert llm_config["model_type"] == "bloom" and llm_config["n_head"] == 8
     with open(tmp_path / "world.json") as f:
         built = json.load(f)
     vocab = len(AutoTokenizer.from_pretrained(tmp_path / "llm"))
@@ -67,7 +69,8 @@ def test_a_bloom_world_llm_learns_its_pages(tmp_path):
 
 @pytest.mark.parametrize("bad, named", [("--llm_layout=gpt2", "llm_layout='gpt2'"),
                                         ("--llm_captions_first=2.0", "llm_captions_first=2.0"),
-                                        ("--llm_captions_first=-0.5", "llm_captions_first=-0.5")])
+                                        ("--llm_captions_first=-0.5", "llm_captions_first=-0.5"),
+                                        ("--llm_heads=3", "llm_heads=3")])
 def test_a_bad_llm_setting_fails_before_anything_is_built(tmp_path, bad, named):
     out = run_script("world.py", "--quickstart", f"--out={tmp_path}/w", bad, ok=False)
     assert out.returncode != 0 and named in out.stderr and len(out.stderr.strip().splitlines()) == 1
