@@ -28,7 +28,7 @@ import world
 from configurator import apply_overrides
 
 SIZES = {  # world.py settings, the steps of each stage, and the caption scorers
-    "full": dict(world={}, pformer=2000, stage1=300, stage2=600, log_interval=20,
+    "full": dict(world={}, pformer=2000, stage1=300, stage2=1800, log_interval=20,
                  scorers="['BLEU','METEOR','ROUGE-L','CIDEr']"),
     # fewer scenes and steps; the backbone settings are the full size's, so that the shipped LLM and ViT serve and
     # nothing is pretrained
