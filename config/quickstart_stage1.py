@@ -1,5 +1,5 @@
 # Stage 1 of the quick start (quickstart.py) on the world of `python world.py --quickstart`, on 2 CPU cores in
-# about a minute: the ViT and the LLM were pretrained on the world's images and text, as EVA ViT-g and OPT were.
+# about a minute: the ViT and the LLM were pretrained on the world's images and text, as EVA ViT-g and a real LLM were.
 out_dir = "out/quickstart/stage1"
 train_ann = ["data/quickstart/train.json"]
 train_image_roots = ["data/quickstart/images"]
