@@ -2,7 +2,7 @@
 The quick start: the whole method end to end on a laptop CPU, offline. Each step is one of the repository's
 scripts, run as you would run it by hand with a config file:
 
-    world.py --quickstart     scenes, captions, questions, a text corpus; a ViT and an LLM (a small BLOOM) pretrained on them
+    world.py --quickstart     scenes, captions, questions, a text corpus; a ViT and a small BLOOM pretrained on them
     train_pformer.py          P-Former stage 0 on the text corpus
     train_stage1.py           BLIP-2 stage 1, twice: plain, and aligned to the P-Former
     train_stage2.py           BLIP-2 stage 2, twice, likewise

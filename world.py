@@ -453,7 +453,7 @@ def build_tiny_world(out="data/world", n_train=96, n_val=16, image_size=64, llm_
 # reading a colour back from a caption was learnt far later). A BLOOM: its LayerNorm on the input embeddings lets the
 # frozen LLM read plain BLIP-2's soft prompt (an OPT took it for a question and wrote one); 8 heads, so that the
 # steepest ALiBi slope (0.5 a token) lets "square" take its colour from the word before it rather than from another
-# object's (with 4 heads, 0.25, builds bound colour to shape for 65 to 88% of questions); a quarter of the pages put
+# object's (with 4 heads, 0.25, builds bound colour to shape for 59 to 100% of questions); a quarter of the pages put
 # their captions first, which plain BLIP-2's prompt stands in for. Builds on other hosts differ in their bytes and in
 # how well they bind, so the shipped bytes are the measured ones (docs/results.md).
 QUICKSTART_WORLD = dict(n_train=2000, n_test=100, n_text=20000, image_size=48, vit_width=96, vit_depth=4,
