@@ -80,7 +80,9 @@ def seeded(transform, *key):
     after: a sample's crop and flip depend on where it sits in the run, not on which worker drew it when."""
     def apply(x):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash(key) % 2**63)
+            # the CPU generator alone, which the transforms draw from: torch.manual_seed would also queue a seed
+            # for every accelerator, at a cost of a stack trace per sample
+            torch.default_generator.manual_seed(hash(key) % 2**63)
             return transform(x)
     return apply
 

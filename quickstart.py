@@ -8,7 +8,8 @@ scripts, run as you would run it by hand with a config file:
     train_stage2.py           BLIP-2 stage 2, twice, likewise
     eval.py                   zero-shot VQA and captioning on the held-out scenes, for both runs
 
-then a table of the results next to blind baselines (out/quickstart/results.md), a picture of held-out scenes with
+(the two models train side by side, each on half the cores; their lines of output begin with their names), then a
+table of the results next to blind baselines (out/quickstart/results.md), a picture of held-out scenes with
 what each model said (samples.png) and the loss curves of every stage (losses.png).
 
     python quickstart.py                  # the full size (make quickstart)
@@ -37,12 +38,28 @@ SIZES = {  # world.py settings, the steps of each stage, and the caption scorers
 }
 
 
-def train(name, script, out_dir, steps, data, timings, *extra):
+def train(name, script, out_dir, steps, data, timings, *extra, threads=None, label=""):
     """One stage of the quick start: `script` with its config/quickstart_*.py, pointed at the world in `data`,
     `extra` last (runs.train: reused when done, resumed when interrupted)."""
     config = f"config/quickstart_{script.removeprefix('train_').removesuffix('.py')}.py"
     return runs.train(name, script, config, out_dir, steps, data, timings, *world.quickstart_args(script, data),
-                      *extra)
+                      *extra, threads=threads, label=label)
+
+
+def blip2(name, d, S, data, timings, threads, *extra):
+    """One model: stages 1 and 2 in d/stage1 and d/stage2 (`extra`: the P-Former's checkpoint, or nothing), then
+    zero-shot VQA and captioning on the held-out scenes in d/eval; its results."""
+    log, lane = f"--log_interval={S['log_interval']}", dict(threads=threads, label=name)
+    train(f"{name}: stage 1", "train_stage1.py", f"{d}/stage1", S["stage1"], data, timings, log, *extra, **lane)
+    train(f"{name}: stage 2", "train_stage2.py", f"{d}/stage2", S["stage2"], data, timings, log,
+          f"--stage1_ckpt={d}/stage1/ckpt.pt", *extra, **lane)
+    ckpt = f"{d}/stage2/ckpt.pt"
+    result = dict(dir=d, vqa=runs.evaluate(f"{name}: eval VQA", ckpt, "vqa", "test_vqa.json", f"{d}/eval", data,
+                                           timings, S["scorers"], **lane),
+                  caption=runs.evaluate(f"{name}: eval captions", ckpt, "caption", "test_captions.json", f"{d}/eval",
+                                        data, timings, S["scorers"], **lane))
+    result["caption_attributes"] = world.caption_attributes(f"{d}/eval/caption_captions.json", data)
+    return result
 
 
 def results_table(results, blind, oracle, timings, total):
@@ -107,20 +124,19 @@ def main(size="full", data="data/quickstart", out="out/quickstart"):
     S, timings, t_start = SIZES[size], {}, time.time()
     runs.run("world + backbones", ["world.py", "--quickstart", f"--out={data}",
                                    *[f"--{k}={v}" for k, v in S["world"].items()]], timings)
-    log = f"--log_interval={S['log_interval']}"
-    train("P-Former stage 0", "train_pformer.py", f"{out}/pformer", S["pformer"], data, timings, log)
-    results = {}
-    for name, extra in [("BLIP-2", []), ("BLIP-2 + P-Former", [f"--pformer_ckpt={out}/pformer/ckpt.pt"])]:
-        d = f"{out}/{'blip2' if not extra else 'blip2_pformer'}"
-        train(f"{name}: stage 1", "train_stage1.py", f"{d}/stage1", S["stage1"], data, timings, log, *extra)
-        train(f"{name}: stage 2", "train_stage2.py", f"{d}/stage2", S["stage2"], data, timings, log,
-              f"--stage1_ckpt={d}/stage1/ckpt.pt", *extra)
-        ckpt = f"{d}/stage2/ckpt.pt"
-        results[name] = dict(dir=d, vqa=runs.evaluate(f"{name}: eval VQA", ckpt, "vqa", "test_vqa.json",
-                                                      f"{d}/eval", data, timings, S["scorers"]),
-                             caption=runs.evaluate(f"{name}: eval captions", ckpt, "caption", "test_captions.json",
-                                                   f"{d}/eval", data, timings, S["scorers"]))
-        results[name]["caption_attributes"] = world.caption_attributes(f"{d}/eval/caption_captions.json", data)
+    train("P-Former stage 0", "train_pformer.py", f"{out}/pformer", S["pformer"], data, timings,
+          f"--log_interval={S['log_interval']}")
+    # the two models are independent: they train side by side, each on its share of the cores (small models keep two
+    # threads busy less than two processes of one thread each)
+    threads, lane_timings, t_lanes = runs.lane_threads(2), ({}, {}), time.time()
+    plain, aligned = runs.side_by_side(
+        lambda: blip2("BLIP-2", f"{out}/blip2", S, data, lane_timings[0], threads),
+        lambda: blip2("BLIP-2 + P-Former", f"{out}/blip2_pformer", S, data, lane_timings[1], threads,
+                      f"--pformer_ckpt={out}/pformer/ckpt.pt"))
+    results = {"BLIP-2": plain, "BLIP-2 + P-Former": aligned}
+    for lane in lane_timings:
+        timings.update(lane)
+    timings[f"both models, side by side ({threads} thread{'s' * (threads > 1)} each)"] = time.time() - t_lanes
 
     import metrics as M
 

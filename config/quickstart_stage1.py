@@ -7,6 +7,7 @@ val_ann = ["data/quickstart/test_captions.json"]
 val_image_roots = ["data/quickstart/images"]
 num_workers = 0
 augment = False  # the captions name rows top to bottom: a random crop could cut an object out
+cache_vit_features = True  # so the frozen ViT runs once per image: the same weights, bit for bit, sooner
 vit_pretrained = "data/quickstart/vit.pth"
 vit_kwargs = dict(patch_size=8, embed_dim=96, depth=4, num_heads=4, mlp_ratio=2.0)
 vit_layers = 3  # the second-to-last block, as BLIP-2 reads EVA ViT-g

@@ -16,6 +16,7 @@ val_ann = ["data/quickstart/test_captions.json"]
 val_image_roots = ["data/quickstart/images"]
 num_workers = 0
 augment = False  # the captions name rows top to bottom: a random crop could cut an object out
+cache_vit_features = True  # so the frozen ViT runs once per image: the same weights, bit for bit, sooner
 vit_dtype = "float32"
 dropout = 0.0
 max_txt_len = 32

@@ -21,8 +21,8 @@ def tiny_world(tmp_path_factory):
 @pytest.fixture
 def quickstart_in_process(monkeypatch):
     """runs.run (the quick start's and the studies' steps) runs each step inside this process (tests/scripts.py)
-    with the arguments it was given: a new interpreter for each would cost more than the steps themselves at the
-    tests' sizes. Yields the names of the steps run."""
+    with the arguments it was given, the lanes of runs.side_by_side one after the other: a new interpreter for each
+    would cost more than the steps themselves at the tests' sizes. Yields the names of the steps run."""
     import time
 
     import runs
@@ -30,10 +30,12 @@ def quickstart_in_process(monkeypatch):
 
     steps = []
 
-    def run(name, cmd, timings):
+    def run(name, cmd, timings, threads=None, label=""):
         steps.append(name)
         t0 = time.time()
         print(run_script(cmd[0], *cmd[1:], timeout=600).stdout)  # as the subprocess would echo it
         timings[name] = timings.get(name, 0.0) + time.time() - t0
     monkeypatch.setattr(runs, "run", run)
+    # one step at a time: a step run in this process changes its globals (sys.argv, stdout, signal handlers)
+    monkeypatch.setattr(runs, "side_by_side", lambda *lanes: [lane() for lane in lanes])
     return steps

@@ -547,3 +547,58 @@ def test_the_quick_start_driver_passes_sigterm_to_its_step_and_waits_for_it(tmp_
     driver.send_signal(signal.SIGTERM)
     out, _ = driver.communicate(timeout=30)
     assert "step saved" in out and "exit code 143" in out and driver.returncode != 0, out
+
+
+
+def test_side_by_side_runs_lanes_at_once_labels_their_lines_and_passes_sigterm_to_every_step(tmp_path):
+    """runs.side_by_side (the quick start's two models): the lanes' steps run at the same time (each waits for a
+    file the other writes), with the threads asked for, each line after its lane's label; a lane that fails lets
+    the other finish, then stops the driver naming the failed step; a SIGTERM to the driver reaches every running
+    step, which saves, and the driver waits for them."""
+    import signal
+    import sys
+    import time
+
+    (tmp_path / "step.py").write_text(
+        "import os, signal, sys, time\n"
+        "me, other, code = sys.argv[1], sys.argv[2], int(sys.argv[3])\n"
+        "signal.signal(signal.SIGTERM, lambda *a: (print('saved', flush=True), sys.exit(143)))\n"
+        "open(me, 'w').close()\n"
+        "t = time.time()\n"
+        "while not os.path.exists(other):  # one after the other, the first step would wait here in vain\n"
+        "    assert time.time() - t < 30, 'the other lane never ran beside this one'\n"
+        "    time.sleep(0.05)\n"
+        "print('running with threads', os.environ['OMP_NUM_THREADS'], flush=True)\n"
+        "time.sleep(60 if code == 143 else 0)\n"
+        "sys.exit(code)\n")
+
+    def driver(code_b, code_a=0):
+        lanes = [(me, other, code) for me, other, code in [("a", "b", code_a), ("b", "a", code_b)]]
+        program = ("import runs\nt = {}\nruns.side_by_side(*[lambda me=me, other=other, code=code: runs.run("
+                   "f'step {me}', ['step.py', me, other, str(code)], t, threads=1, label=me) "
+                   f"for me, other, code in {lanes!r}])\n")
+        return subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r})\n" + program],
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    for code in (0, 3):
+        for f in ("a", "b"):
+            (tmp_path / f).unlink(missing_ok=True)
+        run = driver(code)
+        out, _ = run.communicate(timeout=120)
+        assert "[a] running with threads 1" in out and "[b] running with threads 1" in out, out
+        if code == 0:
+            assert run.returncode == 0, out
+        else:  # lane a's step ran to its end; the driver stops, naming lane b's
+            assert run.returncode != 0 and "step b stopped (exit code 3)" in out, out
+
+    for f in ("a", "b"):
+        (tmp_path / f).unlink(missing_ok=True)
+    run, seen, t0 = driver(143, 143), set(), time.time()
+    while len(seen) < 2:
+        line = run.stdout.readline()
+        if line.endswith("running with threads 1\n"):
+            seen.add(line)
+        assert time.time() - t0 < 60, "the steps never started"
+    run.send_signal(signal.SIGTERM)
+    out, _ = run.communicate(timeout=30)
+    assert "[a] saved" in out and "[b] saved" in out and "exit code 143" in out and run.returncode != 0, out
