@@ -9,7 +9,7 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/pip install -r requirements.txt
 	touch $@
 
-# the whole method end to end on CPU (12 to 21 minutes on 2 cores, as loaded, the install included; see README):
+# the whole method end to end on CPU (about 14 minutes on 2 cores, the install included; see README):
 # world and pretrained backbones, P-Former stage 0, stages 1 and 2 with and without P-Former, zero-shot VQA and captioning,
 # table and pictures
 .PHONY: quickstart
