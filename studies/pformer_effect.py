@@ -20,9 +20,10 @@ never on the test scenes: the last n_val scenes of train.json are in no subset; 
 validation loss, and they get questions as the test scenes do (--split=val evaluates on them).
 
 Run from the repository root. Every stage is one of the train scripts with its config/quickstart_*.py, run as a
-subprocess (runs.py); everything done is reused when what produced it is unchanged (the settings and the identities of
-the world and the parent checkpoints); an interrupted stage resumes. The world of the quick start's seed (1) takes its
-shipped backbones; any other world pretrains its own (world.py --quickstart --seed=w), the longest step by far.
+subprocess (runs.py), the two arms of a (world, N, seed) side by side on half the cores each; everything done is
+reused when what produced it is unchanged (the settings and the identities of the world and the parent checkpoints);
+an interrupted stage resumes. The world of the quick start's seed (1) takes its shipped backbones; any other world
+pretrains its own (world.py --quickstart --seed=w), the longest step by far.
 """
 import json
 import os
@@ -83,11 +84,12 @@ def write_splits(data, n_pairs, n_val, seed=0):
     write_json(f"{data}/val_vqa.json", vqa)
 
 
-def stage(name, script, out_dir, steps, data, timings, *extra):
-    """One stage: `script` with its config/quickstart_*.py, pointed at the world in `data`, `extra` last."""
+def stage(name, script, out_dir, steps, data, timings, *extra, **lane):
+    """One stage: `script` with its config/quickstart_*.py, pointed at the world in `data`, `extra` last; lane:
+    runs.train's threads and label."""
     config = f"config/quickstart_{script.removeprefix('train_').removesuffix('.py')}.py"
     return runs.train(name, script, config, out_dir, steps, data, timings, *world.quickstart_args(script, data),
-                      *extra)
+                      *extra, **lane)
 
 
 def pformer(out_dir, steps, data, S, timings, *extra):
@@ -97,14 +99,15 @@ def pformer(out_dir, steps, data, S, timings, *extra):
                  f"--val_text=['{data}/val_captions.json']", *extra)
 
 
-def blip2(d, n, seed, pformer_ckpt, data, S, timings):
+def blip2(d, n, seed, pformer_ckpt, data, S, timings, **lane):
     """Stages 1 and 2 on the first n scenes (aligned to the P-Former when pformer_ckpt), in d/stage1_{steps} and
     d/stage2_{steps}-{steps} (a stage 1 serves every stage-2 length); the stage-2 checkpoint."""
     common = [*S["args"], f"--seed={seed}", f"--train_ann=['{data}/train_n{n}.json']",
               f"--val_ann=['{data}/val_captions.json']"] + ([f"--pformer_ckpt={pformer_ckpt}"] if pformer_ckpt else [])
-    s1 = stage(f"{d}: stage 1", "train_stage1.py", f"{d}/stage1_{S['stage1']}", S["stage1"], data, timings, *common)
+    s1 = stage(f"{d}: stage 1", "train_stage1.py", f"{d}/stage1_{S['stage1']}", S["stage1"], data, timings, *common,
+               **lane)
     return stage(f"{d}: stage 2", "train_stage2.py", f"{d}/{steps(S)}", S["stage2"], data, timings, *common,
-                 f"--stage1_ckpt={s1}")
+                 f"--stage1_ckpt={s1}", **lane)
 
 
 def steps(S):
@@ -162,19 +165,25 @@ def grid(data, out, S, split, timings):
     seed]}}} and {f"{arm} N={n} seed={seed}": scene_scores}."""
     pf = pformer(f"{out}/pformer", S["pformer"], data, S, timings)
     results, scores = {arm: {} for arm in ARMS}, {}
+    lane = dict(threads=runs.lane_threads(len(ARMS)))
+
+    def arm_run(arm, n, seed):  # one arm: trained, evaluated (VQA, captions), its per-scene scores
+        d = run_dir(out, arm, n, seed)
+        ckpt = blip2(d, n, seed, pf if "P-Former" in arm else "", data, S, timings, **lane, label=arm)
+        eval_dir = f"{d}/eval_{split}_{steps(S)}"
+        vqa, cap = (runs.evaluate(f"{d}: {task} ({split})", ckpt, task, f"{split}_{ann}.json", eval_dir, data,
+                                  timings, S["scorers"], **lane, label=arm)
+                    for task, ann in [("vqa", "vqa"), ("caption", "captions")])
+        return vqa, cap, scene_scores(eval_dir, data, split)
+
     for seed in S["seeds"]:  # seeds outermost: an interrupted grid has every N of its first seeds
-        for n in S["n_pairs"]:
-            for arm in ARMS:
-                d = run_dir(out, arm, n, seed)
-                ckpt = blip2(d, n, seed, pf if "P-Former" in arm else "", data, S, timings)
-                eval_dir = f"{d}/eval_{split}_{steps(S)}"
-                vqa, cap = (runs.evaluate(f"{d}: {task} ({split})", ckpt, task, f"{split}_{ann}.json", eval_dir,
-                                          data, timings, S["scorers"])
-                            for task, ann in [("vqa", "vqa"), ("caption", "captions")])
+        for n in S["n_pairs"]:  # the arms side by side (as in the quick start)
+            done = runs.side_by_side(*[lambda arm=arm: arm_run(arm, n, seed) for arm in ARMS])
+            for arm, (vqa, cap, per_scene) in zip(ARMS, done):
                 r = results[arm].setdefault(n, {"vqa": [], "cider": []})
                 r["vqa"].append(vqa["overall"])
                 r["cider"].append(cap["CIDEr"])
-                scores[f"{arm} N={n} seed={seed}"] = scene_scores(eval_dir, data, split)
+                scores[f"{arm} N={n} seed={seed}"] = per_scene
     return results, scores
 
 
