@@ -268,7 +268,8 @@ def experiment(data, out, S, split, timings):
     paired, numbers = paired_table(scores_by_world, S["n_pairs"], S["seeds"])
     text = (f"Zero-shot VQA and CIDEr on the {split} scenes, stages of {S['stage1']} and {S['stage2']} steps, seeds "
             f"{S['seeds']}, worlds {S['worlds']} (world.py --seed: other scenes, other backbones), each world's own "
-            f"P-Former ({S['pformer']} steps) for its aligned runs.\n\n" +
+            f"P-Former ({S['pformer']} steps) for its aligned runs; the two arms side by side, "
+            f"{runs.lane_threads(len(ARMS))} torch thread(s) each.\n\n" +
             "\n\n".join(f"World {w}:\n\n" + table(r) for w, r in results.items()) +
             "\n\nReferences (world " + str(S["worlds"][0]) + "): " +
             "; ".join(f"{lab} {v:.3f}" for refs in reference.values() for lab, v in refs) +
