@@ -11,8 +11,9 @@ subprocess, exactly as you would run it by hand, and whatever is already done is
 
 A result is reused when its recipe is unchanged: the script, its arguments, and the identity of the world and of
 every checkpoint it starts from (a rebuilt world or a retrained parent stage makes a new recipe). A stage that was
-interrupted resumes from its checkpoint (init_from=resume). Run from the repository root: scripts and config files
-are named relative to it.
+interrupted resumes from its checkpoint (init_from=resume). Independent chains of steps (the quick start's two
+models) can run at the same time, each on a share of the cores: side_by_side(lane, lane) with threads=lane_threads(2).
+Run from the repository root: scripts and config files are named relative to it.
 """
 import concurrent.futures
 import contextlib
@@ -27,7 +28,7 @@ import time
 
 from metrics import provenance, write_atomic, write_json
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}  # nothing from the Hub; each step uses all cores (torch's default)
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}  # nothing from the Hub; a step uses all cores unless given threads
 
 
 _running = set()  # the steps running now: one, or one per lane of side_by_side()
